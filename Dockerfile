@@ -1,0 +1,36 @@
+# The appliance in a container: the package, llama-cpp-python built for this
+# CPU family, and the default model, all baked into the image. The data
+# directory (database, keys, audit log) lives on the /data volume.
+#
+#   docker build -t appliance .
+#   docker run -p 8080:8080 -v appliance-data:/data appliance
+#
+# The first start prints the first admin key once in the container log.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    APPLIANCE_DATA_DIR=/data
+
+# Compilers and cmake to build llama-cpp-python from source.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY . /app
+
+# Install everything except `appliance init`: initialising at build time would
+# bake a database and an admin key into an image layer. It runs at start-up
+# instead (idempotent, so restarts with the same volume change nothing).
+RUN rm -rf .venv \
+    && ./install.sh --no-init
+
+VOLUME ["/data"]
+EXPOSE 8080
+
+# Binding 0.0.0.0 is the explicit choice here: inside a container it is the only
+# way to be reachable through the published port.
+ENTRYPOINT ["/bin/sh", "-c", ".venv/bin/appliance init --model .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf --model-name smollm2-135m-instruct && exec \"$@\"", "appliance-entrypoint"]
+CMD [".venv/bin/appliance", "serve", "--host", "0.0.0.0"]

@@ -1,0 +1,1 @@
+"""The HTTP API: OpenAI-compatible /v1, admin /admin, health and readiness."""

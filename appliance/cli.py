@@ -1,0 +1,257 @@
+"""The `appliance` command line. Output is for people, or JSON with `--json`; errors are one
+clear line on stderr and a non-zero exit status."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from runtime.model_file import sha256_file
+
+from appliance.auth import KeyService, load_or_create_server_secret
+from appliance.auth.keys import parse_expiry
+from appliance.config import Settings, load_settings
+from appliance.errors import ApplianceError
+from appliance.logs import configure_logging
+from appliance.model_registry import ModelRegistry
+from appliance.store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_CONFIG = """\
+# Appliance configuration. Environment variables APPLIANCE_<SECTION>_<KEY> override these
+# values (for example APPLIANCE_SERVER_PORT=9000), and CLI flags override both.
+
+[server]
+host = "127.0.0.1"   # keep on loopback unless a proxy or firewall fronts it
+port = 8080
+# max_body_bytes = 4194304
+
+[runtime]
+# n_threads = 2        # default: every core
+# slots = 8            # concurrent sequences per model
+# ctx_per_slot = 2048  # context window of each sequence
+
+# [[models]]
+# name = "smollm2-135m-instruct"
+# slots = 8
+# n_gpu_layers = -1    # override the automatic GPU placement
+"""
+
+
+def data_dir_option(fn: F) -> F:
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Data directory (default: $APPLIANCE_DATA_DIR, else the per-user data directory).",
+    )(fn)
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@contextmanager
+def _opened(data_dir: Path | None) -> Iterator[tuple[Settings, Store]]:
+    settings = load_settings(data_dir)
+    settings.paths.ensure()
+    store = Store(settings.paths.database, backups_dir=settings.paths.backups).open()
+    try:
+        yield settings, store
+    finally:
+        store.close()
+
+
+def _keys(settings: Settings, store: Store) -> KeyService:
+    return KeyService(store, load_or_create_server_secret(settings.paths.server_secret))
+
+
+def _handled(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ApplianceError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """The appliance: a governed, private, OpenAI-compatible AI service on one box."""
+
+
+@main.command()
+@data_dir_option
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="Register this GGUF model if it is not yet registered.")
+@click.option("--model-name", default=None, help="Name for --model (default: from the file name).")
+@json_option
+@_handled
+def init(data_dir: Path | None, model_path: Path | None, model_name: str | None, as_json: bool) -> None:
+    """Create the data directory and database; print the first admin key once.
+
+    Safe to run again: it never creates a second admin key or overwrites data.
+    """
+    with _opened(data_dir) as (settings, store):
+        paths = settings.paths
+        if not paths.config.exists():
+            paths.config.write_text(DEFAULT_CONFIG, encoding="utf-8")
+        keys = _keys(settings, store)
+        result: dict[str, Any] = {"data_dir": str(paths.root), "admin_key": None, "model": None}
+        if keys.count() == 0:
+            new = keys.create("admin", "admin")
+            result["admin_key"] = new.secret
+            result["admin_key_id"] = new.record.id
+        if model_path is not None:
+            registry = ModelRegistry(store, paths.models)
+            existing = registry.find_by_sha256(sha256_file(model_path)) if model_path.exists() else None
+            result["model"] = (existing or registry.add(model_path, model_name)).name
+    if as_json:
+        _emit(result)
+        return
+    click.echo(f"data directory: {result['data_dir']}")
+    if result["model"]:
+        click.echo(f"default model: {result['model']}")
+    if result["admin_key"]:
+        click.echo("")
+        click.echo("First admin key. It is shown once and cannot be recovered; store it now:")
+        click.echo(f"  {result['admin_key']}")
+    else:
+        click.echo("already initialised: the admin key was shown when the data directory was created")
+
+
+@main.command()
+@data_dir_option
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default 8080).")
+@_handled
+def serve(data_dir: Path | None, host: str | None, port: int | None) -> None:
+    """Run the API server in the foreground (SIGTERM or Ctrl-C stops it cleanly)."""
+    settings = load_settings(data_dir, overrides={"server": {"host": host, "port": port}})
+    configure_logging(settings.server.log_level)
+    from appliance.server import serve as run_server  # deferred: loads uvicorn and llama.cpp
+
+    run_server(settings)
+
+
+# -- models ---------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Register, list and remove GGUF models."""
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Public model name (default: from the file name).")
+@data_dir_option
+@json_option
+@_handled
+def models_add(path: Path, name: str | None, data_dir: Path | None, as_json: bool) -> None:
+    """Validate a GGUF file, copy it into the data directory and register it."""
+    with _opened(data_dir) as (settings, store):
+        record = ModelRegistry(store, settings.paths.models).add(path, name)
+    if as_json:
+        _emit(record.to_dict())
+    else:
+        click.echo(
+            f"registered {record.name}: {record.architecture}, {record.parameter_count:,} parameters, "
+            f"{record.quantization}, context {record.context_length}, sha256 {record.sha256[:16]}…"
+        )
+
+
+@models.command("list")
+@data_dir_option
+@json_option
+@_handled
+def models_list(data_dir: Path | None, as_json: bool) -> None:
+    """List registered models."""
+    with _opened(data_dir) as (settings, store):
+        records = ModelRegistry(store, settings.paths.models).list()
+    if as_json:
+        _emit([r.to_dict() for r in records])
+        return
+    if not records:
+        click.echo("no models registered; add one with: appliance models add PATH")
+    for r in records:
+        params = f"{r.parameter_count / 1e6:.0f}M" if r.parameter_count else "?"
+        chat = "chat" if r.has_chat_template else "completion"
+        click.echo(f"{r.name:32} {r.architecture or '?':10} {params:>6} {r.quantization or '?':8} ctx {r.context_length or '?':>6}  {chat}")
+
+
+@models.command("remove")
+@click.argument("name")
+@data_dir_option
+@_handled
+def models_remove(name: str, data_dir: Path | None) -> None:
+    """Unregister a model and delete its copy in the data directory."""
+    with _opened(data_dir) as (settings, store):
+        ModelRegistry(store, settings.paths.models).remove(name)
+    click.echo(f"removed {name}")
+
+
+# -- keys -----------------------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what the key is for.")
+@click.option("--role", default="user", show_default=True, help="admin, operator, auditor or user.")
+@click.option("--expires", default=None, help="Expiry date or time (ISO 8601, UTC when no zone).")
+@click.option("--model", "models_", multiple=True, help="Limit the key to this model (repeatable).")
+@data_dir_option
+@json_option
+@_handled
+def keys_create(name: str, role: str, expires: str | None, models_: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
+    """Create a key and print its secret once."""
+    expires_at = parse_expiry(expires) if expires else None
+    with _opened(data_dir) as (settings, store):
+        new = _keys(settings, store).create(name, role, expires_at=expires_at, models=list(models_) or None)
+    if as_json:
+        _emit(new.record.to_dict() | {"key": new.secret})
+        return
+    click.echo(f"created key {new.record.id} ({new.record.role}) for {new.record.name}")
+    click.echo("The secret is shown once and cannot be recovered; store it now:")
+    click.echo(f"  {new.secret}")
+
+
+@keys.command("list")
+@data_dir_option
+@json_option
+@_handled
+def keys_list(data_dir: Path | None, as_json: bool) -> None:
+    """List keys (never their secrets)."""
+    with _opened(data_dir) as (settings, store):
+        records = _keys(settings, store).list()
+    if as_json:
+        _emit([r.to_dict() for r in records])
+        return
+    for r in records:
+        d = r.to_dict()
+        click.echo(f"{r.id}  {r.role.value:8} {r.status:8} {r.name:24} expires {d['expires_at'] or 'never'}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@data_dir_option
+@_handled
+def keys_revoke(key_id: str, data_dir: Path | None) -> None:
+    """Revoke a key at once."""
+    with _opened(data_dir) as (settings, store):
+        record = _keys(settings, store).revoke(key_id)
+    click.echo(f"revoked {record.id} ({record.name})")

@@ -1,0 +1,145 @@
+"""Settings: one TOML file in the data directory, overridden by `APPLIANCE_<SECTION>_<KEY>`
+environment variables, overridden in turn by CLI flags. Validated once, at start-up."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from appliance.errors import ConfigError
+from appliance.paths import DataPaths, default_data_dir
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Positive = Annotated[int, Meta(ge=1)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+
+
+class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    graceful_shutdown_seconds: Annotated[float, Meta(ge=0)] = 30.0
+    log_level: str = "info"
+
+
+class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Defaults for every local model; `[[models]]` entries override them per model."""
+
+    n_threads: Positive | None = None
+    slots: Positive = 8
+    ctx_per_slot: Annotated[int, Meta(ge=128)] = 2048
+    n_batch: Positive = 512
+    queue_limit: Positive = 64
+    queue_timeout_seconds: PositiveFloat = 30.0
+    cpu_watts: Annotated[float, Meta(ge=0)] = 15.0
+
+
+class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Per-model overrides, matched to a registered model by name."""
+
+    name: str
+    slots: Positive | None = None
+    ctx_per_slot: Annotated[int, Meta(ge=128)] | None = None
+    n_threads: Positive | None = None
+    n_gpu_layers: Annotated[int, Meta(ge=-1)] | None = None
+    enabled: bool = True
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    data_dir: str = ""
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    runtime: RuntimeSettings = msgspec.field(default_factory=RuntimeSettings)
+    models: list[ModelSettings] = msgspec.field(default_factory=list)
+
+    @property
+    def paths(self) -> DataPaths:
+        return DataPaths(Path(self.data_dir))
+
+    def model_settings(self, name: str) -> ModelSettings:
+        for entry in self.models:
+            if entry.name == name:
+                return entry
+        return ModelSettings(name=name)
+
+
+_ENV_SECTIONS = {"server": ServerSettings, "runtime": RuntimeSettings}
+_LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def load_settings(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Settings:
+    """Build the settings from file, environment and CLI overrides, in rising priority.
+
+    Raises `ConfigError` naming the source, the key and what was expected.
+    """
+    env = dict(os.environ) if env is None else env
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir(env)
+    raw: dict[str, Any] = _read_file(DataPaths(root).config)
+    _check(raw, source=str(DataPaths(root).config))
+    for section, values in _env_overrides(env).items():
+        raw.setdefault(section, {}).update(values)
+    _check(raw, source="environment (APPLIANCE_*)", strict=False)
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    raw["data_dir"] = str(root.resolve())
+    settings = _check(raw, source="command line", strict=False)
+    if settings.server.log_level.lower() not in _LOG_LEVELS:
+        raise ConfigError(
+            f"server.log_level: expected one of {sorted(_LOG_LEVELS)}, got {settings.server.log_level!r}"
+        )
+    names = [m.name for m in settings.models]
+    if len(names) != len(set(names)):
+        raise ConfigError("models: each [[models]] entry needs a distinct name")
+    return settings
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith("APPLIANCE_"):
+            continue
+        section, _, key = name[len("APPLIANCE_") :].lower().partition("_")
+        if section in _ENV_SECTIONS and key:
+            if key not in _ENV_SECTIONS[section].__struct_fields__:
+                raise ConfigError(f"{name}: unknown setting {section}.{key}")
+            found.setdefault(section, {})[key] = value
+    return found
+
+
+def _check(raw: dict[str, Any], *, source: str, strict: bool = True) -> Settings:
+    try:
+        return msgspec.convert(raw, Settings, strict=strict)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """Turn msgspec's `Expected int, got str - at $.server.port` into `server.port: expected int, got str`."""
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `")
+    if not sep:
+        message, where = text, "$"
+    key = where.rstrip("`").removeprefix("$").lstrip(".")
+    message = message[:1].lower() + message[1:]
+    message = message.replace("`", "")
+    return f"{key}: {message}" if key else message

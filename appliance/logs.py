@@ -1,0 +1,54 @@
+"""Logging set-up: JSON lines when not on a terminal, and a filter that scrubs API keys from
+every record, whatever logger produced it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+KEY_PATTERN = re.compile(r"apl_[0-9a-f]{12}_[A-Za-z0-9_-]+")
+REDACTED = "apl_[REDACTED]"
+
+
+def redact(text: str) -> str:
+    return KEY_PATTERN.sub(REDACTED, text)
+
+
+class RedactKeys(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "apl_" in message:
+            record.msg, record.args = redact(message), None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry)
+
+
+def configure_logging(level: str = "info", *, json_lines: bool | None = None) -> None:
+    json_lines = (not sys.stderr.isatty()) if json_lines is None else json_lines
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactKeys())
+    handler.setFormatter(
+        JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True

@@ -1,0 +1,145 @@
+"""The registered models: files copied into `<data>/models/`, validated and hashed before
+llama.cpp ever opens them, with their metadata kept in the `models` table."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from runtime.errors import ModelFileError
+from runtime.model_file import ModelInfo, inspect_model
+
+from appliance.errors import Conflict, InvalidRequest, NotFound
+from appliance.store import Store
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredModel:
+    name: str
+    path: str
+    sha256: str
+    size_bytes: int
+    architecture: str | None
+    parameter_count: int | None
+    quantization: str | None
+    context_length: int | None
+    block_count: int | None
+    has_chat_template: bool
+    added_at: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def default_name(path: Path) -> str:
+    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct.q4_1`."""
+    stem = path.name.removesuffix(".gguf")
+    return re.sub(r"[^a-z0-9._:-]+", "-", stem.lower()).strip("-")[:64] or "model"
+
+
+class ModelRegistry:
+    def __init__(self, store: Store, models_dir: Path) -> None:
+        self._store = store
+        self._dir = models_dir
+
+    def add(self, source: Path, name: str | None = None) -> RegisteredModel:
+        """Validate `source`, copy it into the models directory and record it.
+
+        Raises `InvalidRequest` for a bad file or name and `Conflict` for a taken name.
+        Nothing is left behind when any step fails.
+        """
+        name = name or default_name(source)
+        if not _NAME.match(name):
+            raise InvalidRequest(
+                f"model name {name!r} is not allowed: use 1-64 letters, digits, '.', '_', ':' or '-'",
+                param="name",
+            )
+        if self.find(name) is not None:
+            raise Conflict(f"a model named {name!r} is already registered")
+        try:
+            info = inspect_model(source)
+        except ModelFileError as exc:
+            raise InvalidRequest(f"{source}: {exc}", param="path") from None
+        dest = self._dir / f"{name}.gguf"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".gguf.partial")
+        try:
+            _link_or_copy(source, tmp)
+            os.replace(tmp, dest)
+            record = _from_info(name, dest, info)
+            self._store.write_sync(lambda conn: _insert(conn, record))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if self.find(name) is None:
+                dest.unlink(missing_ok=True)
+            raise
+        return record
+
+    def find(self, name: str) -> RegisteredModel | None:
+        row = self._store.query_one("SELECT * FROM models WHERE name = ?", (name,))
+        return _from_row(row) if row else None
+
+    def find_by_sha256(self, sha256: str) -> RegisteredModel | None:
+        row = self._store.query_one("SELECT * FROM models WHERE sha256 = ? ORDER BY added_at", (sha256,))
+        return _from_row(row) if row else None
+
+    def get(self, name: str) -> RegisteredModel:
+        found = self.find(name)
+        if found is None:
+            raise NotFound(f"no model named {name!r} is registered")
+        return found
+
+    def list(self) -> list[RegisteredModel]:
+        return [_from_row(r) for r in self._store.query("SELECT * FROM models ORDER BY added_at, name")]
+
+    def remove(self, name: str) -> RegisteredModel:
+        record = self.get(name)
+        self._store.write_sync(lambda conn: conn.execute("DELETE FROM models WHERE name = ?", (name,)))
+        path = Path(record.path)
+        if path.parent == self._dir:
+            path.unlink(missing_ok=True)
+        return record
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def _from_info(name: str, dest: Path, info: ModelInfo) -> RegisteredModel:
+    return RegisteredModel(
+        name=name,
+        path=str(dest),
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        architecture=info.architecture,
+        parameter_count=info.parameter_count,
+        quantization=info.quantization,
+        context_length=info.context_length,
+        block_count=info.block_count,
+        has_chat_template=info.has_chat_template,
+        added_at=time.time(),
+    )
+
+
+def _insert(conn: sqlite3.Connection, record: RegisteredModel) -> None:
+    row = record.to_dict()
+    row["has_chat_template"] = int(record.has_chat_template)
+    cols = ", ".join(row)
+    conn.execute(f"INSERT INTO models ({cols}) VALUES ({', '.join(':' + c for c in row)})", row)
+
+
+def _from_row(row: sqlite3.Row) -> RegisteredModel:
+    data = dict(row)
+    data["has_chat_template"] = bool(data["has_chat_template"])
+    return RegisteredModel(**data)

@@ -1,0 +1,176 @@
+"""The database handle: WAL mode, one writer thread that batches callers' writes into group
+commits with `synchronous=FULL`, and a read connection per thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from appliance.errors import StoreError
+from appliance.store.migrations import migrate
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+WriteFn = Callable[[sqlite3.Connection], Any]
+
+_MAX_GROUP = 256
+_STOP = object()
+
+
+def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the pragmas every part of the appliance relies on."""
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: cannot open the database: {exc}") from None
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class Store:
+    """Owns the database file. Writes go through one thread; reads use per-thread connections.
+
+    `write(fn)` queues `fn(conn)`; the writer runs many queued functions in one transaction
+    (each inside its own savepoint, so one failure does not undo the others), commits once,
+    and only then resolves each caller's future. A caller that awaits `write` therefore knows
+    its change is durable.
+    """
+
+    def __init__(self, path: Path, *, backups_dir: Path | None = None) -> None:
+        self.path = path
+        self._backups_dir = backups_dir
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self.commits = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+    def open(self) -> Store:
+        """Run pending migrations (backing up first) and start the writer thread."""
+        migrate(self.path, backups_dir=self._backups_dir)
+        conn = open_connection(self.path)
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="store-writer", daemon=True)
+        self._writer.start()
+        return self
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._jobs.put(_STOP)
+            self._writer.join(timeout=30)
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def __enter__(self) -> Store:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads ------------------------------------------------------------------------------
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection (WAL lets it read while the writer writes)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = open_connection(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        return self.reader().execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Row | None:
+        return self.reader().execute(sql, params).fetchone()
+
+    # -- writes -----------------------------------------------------------------------------
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        if self._closed or self._writer is None:
+            raise StoreError("the store is closed")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the next group commit and wait until it is durable."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self.submit(fn).result()
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is _STOP:
+                    return
+                group = [job]
+                stop = False
+                while len(group) < _MAX_GROUP:
+                    try:
+                        nxt = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    group.append(nxt)
+                self._commit_group(conn, group)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[tuple[WriteFn, concurrent.futures.Future[Any]]]) -> None:
+        results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, future in group:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = fn(conn)
+                except BaseException as exc:  # a bad job must not sink its neighbours
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((future, None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((future, value, None))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            log.error("group commit failed: %s", exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"database write failed: {exc}")
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for future, value, exc in results:
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(value)

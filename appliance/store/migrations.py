@@ -1,0 +1,156 @@
+"""Numbered, forward-only schema migrations. The database is backed up before each one, and a
+database written by a newer version is refused without being touched."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from appliance.errors import SchemaTooNewError, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[sqlite_utils.Database], None]
+
+
+MIGRATIONS: list[Migration] = []
+
+
+def migration(version: int) -> Callable[[Callable[[sqlite_utils.Database], None]], Callable[[sqlite_utils.Database], None]]:
+    def register(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+        assert version == len(MIGRATIONS) + 1, "migrations are numbered in order"
+        MIGRATIONS.append(Migration(version, fn.__name__, fn))
+        return fn
+
+    return register
+
+
+@migration(1)
+def m001_keys_models_settings(db: sqlite_utils.Database) -> None:
+    db["settings"].create({"key": str, "value": str}, pk="key")
+    db["api_keys"].create(
+        {
+            "id": str,
+            "name": str,
+            "role": str,
+            "key_hash": str,
+            "allowed_models": str,  # JSON list, NULL means every model
+            "created_at": float,
+            "expires_at": float,
+            "revoked_at": float,
+        },
+        pk="id",
+        not_null={"name", "role", "key_hash", "created_at"},
+    )
+    db["models"].create(
+        {
+            "name": str,
+            "path": str,
+            "sha256": str,
+            "size_bytes": int,
+            "architecture": str,
+            "parameter_count": int,
+            "quantization": str,
+            "context_length": int,
+            "block_count": int,
+            "has_chat_template": int,
+            "added_at": float,
+        },
+        pk="name",
+        not_null={"path", "sha256", "size_bytes", "added_at"},
+    )
+    db["models"].create_index(["sha256"])
+
+
+def latest_version() -> int:
+    return len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='migrations'").fetchone()
+    if not has_table:
+        return 0
+    row = conn.execute("SELECT MAX(version) FROM migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(path: Path, *, backups_dir: Path | None = None, target: int | None = None) -> int:
+    """Bring the database at `path` up to `target` (default: latest). Returns the new version."""
+    latest = latest_version()
+    target = latest if target is None else target
+    current = _peek_version(path)
+    if current > latest:
+        raise SchemaTooNewError(
+            f"{path} has schema version {current}, but this appliance only knows up to {latest}: "
+            "it was written by a newer version. Upgrade the appliance, or restore a backup from "
+            "the backups/ directory. The database was not modified."
+        )
+    if current >= target:
+        return current
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        db = sqlite_utils.Database(conn)
+        for step in MIGRATIONS[current:target]:
+            if current > 0 and backups_dir is not None:
+                _backup(conn, backups_dir, current)
+            log.info("applying migration %03d %s", step.version, step.name)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if step.version == 1:
+                    db["migrations"].create({"version": int, "name": str, "applied_at": float}, pk="version")
+                step.apply(db)
+                conn.execute(
+                    "INSERT INTO migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (step.version, step.name, time.time()),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            current = step.version
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: migration to version {current + 1} failed: {exc}") from None
+    finally:
+        conn.close()
+    return current
+
+
+def _peek_version(path: Path) -> int:
+    """Read the schema version without writing anything (not even the WAL switch)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return schema_version(conn)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: not a usable appliance database: {exc}") from None
+
+
+def _backup(conn: sqlite3.Connection, backups_dir: Path, version: int) -> Path:
+    backups_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    dest = backups_dir / f"appliance-v{version}-{stamp}-{time.time_ns() % 1_000_000:06d}.db"
+    target = sqlite3.connect(dest)
+    try:
+        conn.backup(target)
+    finally:
+        target.close()
+    log.info("backed up the database to %s before migrating", dest)
+    return dest

@@ -1,0 +1,1 @@
+"""First-party plugins, written against the same public hook specification as third-party ones."""
