@@ -214,14 +214,32 @@ def keys() -> None:
 @click.option("--role", default="user", show_default=True, help="admin, operator, auditor or user.")
 @click.option("--expires", default=None, help="Expiry date or time (ISO 8601, UTC when no zone).")
 @click.option("--model", "models_", multiple=True, help="Limit the key to this model (repeatable).")
+@click.option("--team", default="default", show_default=True, help="Team the key belongs to.")
+@click.option("--rpm", type=int, default=None, help="Requests per minute (default: unlimited).")
+@click.option("--tpm", type=int, default=None, help="Tokens per minute (default: unlimited).")
+@click.option("--prompt-retention", type=click.Choice(["none", "sha256", "redacted", "full"]), default=None, help="How prompts are kept in the audit log (default: the team's, else sha256).")
 @data_dir_option
 @json_option
 @_handled
-def keys_create(name: str, role: str, expires: str | None, models_: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
+def keys_create(
+    name: str,
+    role: str,
+    expires: str | None,
+    models_: tuple[str, ...],
+    team: str,
+    rpm: int | None,
+    tpm: int | None,
+    prompt_retention: str | None,
+    data_dir: Path | None,
+    as_json: bool,
+) -> None:
     """Create a key and print its secret once."""
     expires_at = parse_expiry(expires) if expires else None
     with _opened(data_dir) as (settings, store):
-        new = _keys(settings, store).create(name, role, expires_at=expires_at, models=list(models_) or None)
+        new = _keys(settings, store).create(
+            name, role, expires_at=expires_at, models=list(models_) or None, team=team, rpm=rpm, tpm=tpm,
+            prompt_retention=prompt_retention,
+        )
     if as_json:
         _emit(new.record.to_dict() | {"key": new.secret})
         return

@@ -36,7 +36,6 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_batch: Positive = 512
     queue_limit: Positive = 64
     queue_timeout_seconds: PositiveFloat = 30.0
-    cpu_watts: Annotated[float, Meta(ge=0)] = 15.0
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -50,11 +49,37 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
 
 
+class CostSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Prices. Local cost = energy x electricity price + hardware amortisation per compute second."""
+
+    currency: str = "USD"
+    electricity_per_kwh: Annotated[float, Meta(ge=0)] = 0.30
+    hardware_per_hour: Annotated[float, Meta(ge=0)] = 0.10  # purchase price / expected service hours
+    cpu_watts: Annotated[float, Meta(ge=0)] = 15.0  # used when NVML reports no GPU power
+
+
+class UpstreamPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Price of a remote upstream model, per 1,000 tokens."""
+
+    model: str
+    input_per_1k: Annotated[float, Meta(ge=0)] = 0.0
+    output_per_1k: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class AuditSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    checkpoint_every_records: Positive = 1000
+    checkpoint_every_seconds: PositiveFloat = 60.0
+    default_prompt_retention: str = "sha256"  # none | sha256 | redacted | full
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: str = ""
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     runtime: RuntimeSettings = msgspec.field(default_factory=RuntimeSettings)
     models: list[ModelSettings] = msgspec.field(default_factory=list)
+    costs: CostSettings = msgspec.field(default_factory=CostSettings)
+    upstream_prices: list[UpstreamPrice] = msgspec.field(default_factory=list)
+    audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
 
     @property
     def paths(self) -> DataPaths:
@@ -67,7 +92,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return ModelSettings(name=name)
 
 
-_ENV_SECTIONS = {"server": ServerSettings, "runtime": RuntimeSettings}
+_ENV_SECTIONS = {"server": ServerSettings, "runtime": RuntimeSettings, "costs": CostSettings, "audit": AuditSettings}
+RETENTION_POLICIES = ("none", "sha256", "redacted", "full")
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
 
 
@@ -95,6 +121,11 @@ def load_settings(
     if settings.server.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(
             f"server.log_level: expected one of {sorted(_LOG_LEVELS)}, got {settings.server.log_level!r}"
+        )
+    if settings.audit.default_prompt_retention not in RETENTION_POLICIES:
+        raise ConfigError(
+            f"audit.default_prompt_retention: expected one of {list(RETENTION_POLICIES)}, "
+            f"got {settings.audit.default_prompt_retention!r}"
         )
     names = [m.name for m in settings.models]
     if len(names) != len(set(names)):

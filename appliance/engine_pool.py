@@ -88,5 +88,5 @@ def _load(settings: Settings, model: RegisteredModel, gpus: list) -> LlamaEngine
         n_gpu_layers=layers,
         queue_limit=rt.queue_limit,
         queue_timeout_s=rt.queue_timeout_seconds,
-        energy_watts=rt.cpu_watts,
+        energy_watts=settings.costs.cpu_watts,
     )

@@ -3,6 +3,7 @@ the HTTP layer and the CLI translate them in one place each."""
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 
@@ -95,6 +96,39 @@ class RequestTooLarge(ApplianceError):
     code = "request_too_large"
 
 
+class RateLimited(ApplianceError):
+    """The key is over its requests-per-minute or tokens-per-minute limit."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, limit_headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.limit_headers = limit_headers or {}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))} | self.limit_headers
+
+
+class QuotaExceeded(ApplianceError):
+    """A key or team budget cannot cover the request's worst-case cost."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else {}
+
+
 class Overloaded(ApplianceError):
     """Every candidate engine is busy; the client should retry after `retry_after` seconds."""
 
@@ -108,7 +142,19 @@ class Overloaded(ApplianceError):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class AuditUnavailable(ApplianceError):
+    """The audit record could not be committed, so the request is refused (fail closed)."""
+
+    status = 503
+    type = "server_error"
+    code = "audit_unavailable"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
 
 
 class ServiceUnavailable(ApplianceError):

@@ -24,12 +24,12 @@ def test_migrate_from_empty_creates_every_table(tmp_path: Path) -> None:
     db_path = tmp_path / "a.db"
     assert migrate(db_path, backups_dir=tmp_path / "b") == latest_version()
     tables = set(sqlite_utils.Database(db_path).table_names())
-    assert {"migrations", "settings", "api_keys", "models"} <= tables
+    assert {"migrations", "settings", "api_keys", "models", "teams", "audit", "audit_checkpoints", "usage", "budgets"} <= tables
     versions = [r[0] for r in sqlite3.connect(db_path).execute("SELECT version FROM migrations ORDER BY version")]
     assert versions == list(range(1, latest_version() + 1))
     assert sqlite3.connect(db_path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    # nothing to back up when the database started empty
-    assert not list((tmp_path / "b").glob("*.db")) if (tmp_path / "b").exists() else True
+    # the empty database is not backed up; each later step is
+    assert len(list((tmp_path / "b").glob("appliance-v0-*.db"))) == 0
 
 
 def test_migrate_from_previous_version_backs_up_first_and_matches_fresh_schema(tmp_path: Path) -> None:

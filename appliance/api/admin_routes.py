@@ -19,7 +19,17 @@ ADMIN = roles(Role.ADMIN)
 @post("/admin/keys", opt=ADMIN, name="keys:create", status_code=201)
 async def create_key(request: Request[Principal, Any, Any], data: CreateKeyRequest, services: Services) -> dict[str, Any]:
     expires = parse_expiry(data.expires_at) if data.expires_at else None
-    new = await asyncio.to_thread(services.keys.create, data.name, data.role, expires_at=expires, models=data.models)
+    new = await asyncio.to_thread(
+        services.keys.create,
+        data.name,
+        data.role,
+        expires_at=expires,
+        models=data.models,
+        team=data.team,
+        rpm=data.rpm,
+        tpm=data.tpm,
+        prompt_retention=data.prompt_retention,
+    )
     return new.record.to_dict() | {"key": new.secret}
 
 

@@ -107,6 +107,10 @@ class CreateKeyRequest(Struct, kw_only=True):
     role: str = "user"
     expires_at: str | None = None
     models: list[str] | None = None
+    team: str = "default"
+    rpm: int | None = None
+    tpm: int | None = None
+    prompt_retention: str | None = None
 
 
 # -- responses (plain dicts are built in the handlers; these document the shapes) -----------

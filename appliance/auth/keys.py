@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from appliance.auth.principal import Principal, Role
+from appliance.config import RETENTION_POLICIES
 from appliance.errors import AuthenticationFailed, InvalidRequest, NotFound
 from appliance.store import Store
 
@@ -24,6 +25,9 @@ KEY_PREFIX = "apl"
 _ID_BYTES = 6  # 12 hex characters, public
 _SECRET_BYTES = 32  # 256 bits
 _DUMMY_HASH = "0" * 64
+_SELECT_WITH_TEAM = (
+    "SELECT k.*, t.prompt_retention AS team_retention FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.id = ?"
+)
 
 
 def load_or_create_server_secret(path: Path) -> bytes:
@@ -54,6 +58,10 @@ class KeyRecord:
     expires_at: float | None
     revoked_at: float | None
     allowed_models: list[str] | None
+    team_id: str = "default"
+    rpm: int | None = None
+    tpm: int | None = None
+    prompt_retention: str | None = None
 
     @property
     def status(self) -> str:
@@ -73,6 +81,10 @@ class KeyRecord:
             "expires_at": _iso(self.expires_at),
             "revoked_at": _iso(self.revoked_at),
             "models": self.allowed_models,
+            "team": self.team_id,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "prompt_retention": self.prompt_retention,
         }
 
 
@@ -99,7 +111,7 @@ class KeyService:
         if not key:
             raise AuthenticationFailed("Missing API key. Send it as 'Authorization: Bearer <key>'.")
         key_id = _parse_id(key)
-        row = self._store.query_one("SELECT * FROM api_keys WHERE id = ?", (key_id,)) if key_id else None
+        row = self._store.query_one(_SELECT_WITH_TEAM, (key_id,)) if key_id else None
         # Hash and compare even when the id is unknown, so timing does not reveal which ids exist.
         matches = hmac.compare_digest(self._hash(key), row["key_hash"] if row else _DUMMY_HASH)
         if row is None or not matches:
@@ -108,7 +120,16 @@ class KeyService:
         if record.status != "active":
             raise AuthenticationFailed(f"This API key is {record.status}.")
         models = frozenset(record.allowed_models) if record.allowed_models is not None else None
-        return Principal(key_id=record.id, name=record.name, role=record.role, allowed_models=models)
+        return Principal(
+            key_id=record.id,
+            name=record.name,
+            role=record.role,
+            team_id=record.team_id,
+            allowed_models=models,
+            rpm=record.rpm,
+            tpm=record.tpm,
+            prompt_retention=record.prompt_retention or row["team_retention"],
+        )
 
     # -- management ---------------------------------------------------------------------------
     def create(
@@ -118,6 +139,10 @@ class KeyService:
         *,
         expires_at: float | None = None,
         models: list[str] | None = None,
+        team: str = "default",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        prompt_retention: str | None = None,
     ) -> NewKey:
         name = name.strip()
         if not name or len(name) > 100:
@@ -131,9 +156,18 @@ class KeyService:
         now = time.time()
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest("expires_at must be in the future", param="expires_at")
+        for param, limit in (("rpm", rpm), ("tpm", tpm)):
+            if limit is not None and limit < 1:
+                raise InvalidRequest(f"{param} must be at least 1", param=param)
+        if prompt_retention is not None and prompt_retention not in RETENTION_POLICIES:
+            raise InvalidRequest(f"prompt_retention must be one of {', '.join(RETENTION_POLICIES)}", param="prompt_retention")
+        team_row = self._store.query_one("SELECT id FROM teams WHERE id = ? OR name = ?", (team, team))
+        if team_row is None:
+            raise InvalidRequest(f"no team named {team!r}", param="team")
+        team_id = team_row["id"]
         key_id = secrets.token_hex(_ID_BYTES)
         secret = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
-        record = KeyRecord(key_id, name, role_value, now, expires_at, None, models)
+        record = KeyRecord(key_id, name, role_value, now, expires_at, None, models, team_id, rpm, tpm, prompt_retention)
         row = {
             "id": key_id,
             "name": name,
@@ -143,6 +177,10 @@ class KeyService:
             "created_at": now,
             "expires_at": expires_at,
             "revoked_at": None,
+            "team_id": team_id,
+            "rpm": rpm,
+            "tpm": tpm,
+            "prompt_retention": prompt_retention,
         }
         self._store.write_sync(lambda conn: _insert_key(conn, row))
         return NewKey(record, secret)
@@ -174,8 +212,9 @@ class KeyService:
 
 def _insert_key(conn: sqlite3.Connection, row: dict[str, object]) -> None:
     conn.execute(
-        "INSERT INTO api_keys (id, name, role, key_hash, allowed_models, created_at, expires_at, revoked_at)"
-        " VALUES (:id, :name, :role, :key_hash, :allowed_models, :created_at, :expires_at, :revoked_at)",
+        "INSERT INTO api_keys (id, name, role, key_hash, allowed_models, created_at, expires_at, revoked_at,"
+        " team_id, rpm, tpm, prompt_retention) VALUES (:id, :name, :role, :key_hash, :allowed_models,"
+        " :created_at, :expires_at, :revoked_at, :team_id, :rpm, :tpm, :prompt_retention)",
         row,
     )
 
@@ -198,6 +237,10 @@ def _record(row: sqlite3.Row) -> KeyRecord:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         allowed_models=models,
+        team_id=row["team_id"],
+        rpm=row["rpm"],
+        tpm=row["tpm"],
+        prompt_retention=row["prompt_retention"],
     )
 
 

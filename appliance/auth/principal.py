@@ -18,7 +18,11 @@ class Principal:
     key_id: str
     name: str
     role: Role
+    team_id: str = "default"
     allowed_models: frozenset[str] | None = None  # None: every model
+    rpm: int | None = None
+    tpm: int | None = None
+    prompt_retention: str | None = None  # the key's own policy, else the team's; None: the default
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models

@@ -73,6 +73,83 @@ def m001_keys_models_settings(db: sqlite_utils.Database) -> None:
     db["models"].create_index(["sha256"])
 
 
+@migration(2)
+def m002_governance(db: sqlite_utils.Database) -> None:
+    """Teams, audit chain and checkpoints, usage records, budgets and the spend ledger."""
+    db["teams"].create(
+        {"id": str, "name": str, "prompt_retention": str, "created_at": float},
+        pk="id",
+        not_null={"name", "created_at"},
+    )
+    db["teams"].create_index(["name"], unique=True)
+    db.execute("INSERT INTO teams (id, name, prompt_retention, created_at) VALUES ('default', 'default', NULL, 0)")
+    db.execute("ALTER TABLE api_keys ADD COLUMN team_id TEXT NOT NULL DEFAULT 'default' REFERENCES teams(id)")
+    db.execute("ALTER TABLE api_keys ADD COLUMN prompt_retention TEXT")  # none|sha256|redacted|full; NULL: the team's
+    db.execute("ALTER TABLE api_keys ADD COLUMN rpm INTEGER")
+    db.execute("ALTER TABLE api_keys ADD COLUMN tpm INTEGER")
+    db["audit"].create(
+        {
+            "idx": int,  # 1, 2, 3... with no gaps
+            "ts": float,
+            "kind": str,  # request | admin
+            "key_id": str,
+            "team_id": str,
+            "body": str,  # canonical JSON of the record
+            "prev_hash": str,
+            "hash": str,
+        },
+        pk="idx",
+        not_null={"ts", "kind", "body", "prev_hash", "hash"},
+    )
+    db["audit"].create_index(["ts"])
+    db["audit"].create_index(["key_id", "ts"])
+    db["audit_checkpoints"].create(
+        {"idx": int, "ts": float, "record_idx": int, "record_hash": str, "signature": str, "public_key": str},
+        pk="idx",
+        not_null={"ts", "record_idx", "record_hash", "signature", "public_key"},
+    )
+    db["usage"].create(
+        {
+            "id": int,
+            "request_id": str,
+            "ts": float,
+            "day": str,  # YYYY-MM-DD, UTC
+            "key_id": str,
+            "team_id": str,
+            "model": str,
+            "status": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "cached_tokens": int,
+            "queue_ms": float,
+            "compute_ms": float,
+            "energy_j": float,
+            "cost": float,  # billed: min(measured, reserved); this is what budgets count
+            "unbilled_cost": float,  # measured cost above the reservation, recorded, never billed
+            "unbilled_tokens": int,  # tokens above the reservation, recorded, never billed
+        },
+        pk="id",
+        not_null={"ts", "day", "key_id", "team_id"},
+    )
+    db["usage"].create_index(["key_id", "day"])
+    db["usage"].create_index(["team_id", "day"])
+    db["usage"].create_index(["day", "model"])
+    db["budgets"].create(
+        {
+            "id": int,
+            "scope": str,  # key | team
+            "scope_id": str,
+            "unit": str,  # money | tokens
+            "amount": float,
+            "period": str,  # day | month | total
+            "created_at": float,
+        },
+        pk="id",
+        not_null={"scope", "scope_id", "unit", "amount", "period", "created_at"},
+    )
+    db["budgets"].create_index(["scope", "scope_id", "unit", "period"], unique=True)
+
+
 def latest_version() -> int:
     return len(MIGRATIONS)
 

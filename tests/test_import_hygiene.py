@@ -1,0 +1,28 @@
+"""The layers stay apart: the runtime never pulls in the web or console stacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _loaded_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_runtime_loads_neither_litestar_nor_textual_nor_appliance() -> None:
+    mods = _loaded_after("import runtime, runtime.llama_engine, runtime.gguf, runtime.gpu, runtime.model_file")
+    assert not {m for m in mods if m.split(".")[0] in {"litestar", "textual", "appliance", "tui", "uvicorn", "sqlite_utils"}}
+
+
+def test_appliance_does_not_load_textual() -> None:
+    mods = _loaded_after("import appliance.cli, appliance.api.app")
+    assert "litestar" in mods
+    assert not {m for m in mods if m.split(".")[0] in {"textual", "tui"}}
+
+
+def test_cli_starts_without_llama_cpp() -> None:
+    mods = _loaded_after("import appliance.cli")
+    assert "llama_cpp" not in mods and "litestar" not in mods

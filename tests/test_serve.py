@@ -1,0 +1,84 @@
+"""`appliance serve`: start-up checks, loopback by default, clean stop on SIGTERM with requests
+in flight allowed to finish."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import MODEL_NAME, free_port, init_data_dir, start_server, stop_server
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path, model_path: Path) -> None:
+    init_data_dir(tmp_path, model_path)
+    (tmp_path / "appliance.toml").write_text("[runtime]\nslots = -3\n")
+    proc, _, log_path = start_server(tmp_path, wait=False)
+    assert proc.wait(timeout=60) == 1
+    text = log_path.read_text()
+    assert "runtime.slots: expected int >= 1" in text and "Traceback" not in text
+
+
+def test_env_override_is_validated(tmp_path: Path, model_path: Path) -> None:
+    init_data_dir(tmp_path, model_path)
+    proc, _, log_path = start_server(tmp_path, env={"APPLIANCE_SERVER_MAX_BODY_BYTES": "lots"}, wait=False)
+    assert proc.wait(timeout=60) == 1
+    assert "server.max_body_bytes: expected int, got str" in log_path.read_text()
+
+
+def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path, model_path: Path) -> None:
+    admin_key = init_data_dir(tmp_path, model_path)
+    proc, url, log_path = start_server(tmp_path)
+    assert "127.0.0.1" in log_path.read_text()
+    results: dict[str, object] = {}
+
+    def long_request() -> None:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 200, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {admin_key}"}, timeout=120)
+        results["status"] = r.status_code
+        results["tokens"] = r.json()["usage"]["completion_tokens"]
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(0.5)  # the request is being generated
+    proc.send_signal(signal.SIGTERM)
+    worker.join(timeout=120)
+    assert proc.wait(timeout=60) == 0
+    assert results["status"] == 200 and int(results["tokens"]) > 0  # type: ignore[arg-type]
+    assert "Shutting down" in log_path.read_text() or "shutdown" in log_path.read_text().lower()
+
+
+def test_port_flag_and_unbindable_port(tmp_path: Path, model_path: Path) -> None:
+    init_data_dir(tmp_path, model_path)
+    port = free_port()
+    proc, url, _ = start_server(tmp_path, port=port)
+    try:
+        assert httpx.get(url + "/healthz").status_code == 200
+        second, _, log2 = start_server(tmp_path, port=port, wait=False)
+        assert second.wait(timeout=60) != 0
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_no_model_means_not_ready_but_alive(tmp_path: Path) -> None:
+    subprocess.run(["true"])
+    from tests.conftest import run_cli
+
+    run_cli("init", data_dir=tmp_path)
+    proc, url, log_path = start_server(tmp_path, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 503 and ready.headers["retry-after"]
+    finally:
+        stop_server(proc)
