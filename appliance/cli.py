@@ -3,27 +3,21 @@ clear line on stderr and a non-zero exit status."""
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from runtime.model_file import sha256_file
-
+from appliance.audit.cli import audit
 from appliance.auth import KeyService, load_or_create_server_secret
 from appliance.auth.keys import parse_expiry
+from appliance.cli_support import data_dir_option, emit, handled, json_option, opened
 from appliance.config import Settings, load_settings
-from appliance.errors import ApplianceError
 from appliance.logs import configure_logging
+from appliance.metering.cli import budgets, teams, usage
 from appliance.model_registry import ModelRegistry
 from appliance.store import Store
-
-F = TypeVar("F", bound=Callable[..., Any])
+from runtime.model_file import sha256_file
 
 DEFAULT_CONFIG = """\
 # Appliance configuration. Environment variables APPLIANCE_<SECTION>_<KEY> override these
@@ -46,48 +40,8 @@ port = 8080
 """
 
 
-def data_dir_option(fn: F) -> F:
-    return click.option(
-        "--data-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="Data directory (default: $APPLIANCE_DATA_DIR, else the per-user data directory).",
-    )(fn)
-
-
-def json_option(fn: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
-
-
-def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
-
-
-@contextmanager
-def _opened(data_dir: Path | None) -> Iterator[tuple[Settings, Store]]:
-    settings = load_settings(data_dir)
-    settings.paths.ensure()
-    store = Store(settings.paths.database, backups_dir=settings.paths.backups).open()
-    try:
-        yield settings, store
-    finally:
-        store.close()
-
-
 def _keys(settings: Settings, store: Store) -> KeyService:
     return KeyService(store, load_or_create_server_secret(settings.paths.server_secret))
-
-
-def _handled(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ApplianceError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,13 +54,13 @@ def main() -> None:
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="Register this GGUF model if it is not yet registered.")
 @click.option("--model-name", default=None, help="Name for --model (default: from the file name).")
 @json_option
-@_handled
+@handled
 def init(data_dir: Path | None, model_path: Path | None, model_name: str | None, as_json: bool) -> None:
     """Create the data directory and database; print the first admin key once.
 
     Safe to run again: it never creates a second admin key or overwrites data.
     """
-    with _opened(data_dir) as (settings, store):
+    with opened(data_dir) as (settings, store):
         paths = settings.paths
         if not paths.config.exists():
             paths.config.write_text(DEFAULT_CONFIG, encoding="utf-8")
@@ -121,7 +75,7 @@ def init(data_dir: Path | None, model_path: Path | None, model_name: str | None,
             existing = registry.find_by_sha256(sha256_file(model_path)) if model_path.exists() else None
             result["model"] = (existing or registry.add(model_path, model_name)).name
     if as_json:
-        _emit(result)
+        emit(result)
         return
     click.echo(f"data directory: {result['data_dir']}")
     if result["model"]:
@@ -138,7 +92,7 @@ def init(data_dir: Path | None, model_path: Path | None, model_name: str | None,
 @data_dir_option
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port to listen on (default 8080).")
-@_handled
+@handled
 def serve(data_dir: Path | None, host: str | None, port: int | None) -> None:
     """Run the API server in the foreground (SIGTERM or Ctrl-C stops it cleanly)."""
     settings = load_settings(data_dir, overrides={"server": {"host": host, "port": port}})
@@ -159,13 +113,13 @@ def models() -> None:
 @click.option("--name", default=None, help="Public model name (default: from the file name).")
 @data_dir_option
 @json_option
-@_handled
+@handled
 def models_add(path: Path, name: str | None, data_dir: Path | None, as_json: bool) -> None:
     """Validate a GGUF file, copy it into the data directory and register it."""
-    with _opened(data_dir) as (settings, store):
+    with opened(data_dir) as (settings, store):
         record = ModelRegistry(store, settings.paths.models).add(path, name)
     if as_json:
-        _emit(record.to_dict())
+        emit(record.to_dict())
     else:
         click.echo(
             f"registered {record.name}: {record.architecture}, {record.parameter_count:,} parameters, "
@@ -176,13 +130,13 @@ def models_add(path: Path, name: str | None, data_dir: Path | None, as_json: boo
 @models.command("list")
 @data_dir_option
 @json_option
-@_handled
+@handled
 def models_list(data_dir: Path | None, as_json: bool) -> None:
     """List registered models."""
-    with _opened(data_dir) as (settings, store):
+    with opened(data_dir) as (settings, store):
         records = ModelRegistry(store, settings.paths.models).list()
     if as_json:
-        _emit([r.to_dict() for r in records])
+        emit([r.to_dict() for r in records])
         return
     if not records:
         click.echo("no models registered; add one with: appliance models add PATH")
@@ -195,10 +149,10 @@ def models_list(data_dir: Path | None, as_json: bool) -> None:
 @models.command("remove")
 @click.argument("name")
 @data_dir_option
-@_handled
+@handled
 def models_remove(name: str, data_dir: Path | None) -> None:
     """Unregister a model and delete its copy in the data directory."""
-    with _opened(data_dir) as (settings, store):
+    with opened(data_dir) as (settings, store):
         ModelRegistry(store, settings.paths.models).remove(name)
     click.echo(f"removed {name}")
 
@@ -220,7 +174,7 @@ def keys() -> None:
 @click.option("--prompt-retention", type=click.Choice(["none", "sha256", "redacted", "full"]), default=None, help="How prompts are kept in the audit log (default: the team's, else sha256).")
 @data_dir_option
 @json_option
-@_handled
+@handled
 def keys_create(
     name: str,
     role: str,
@@ -235,13 +189,13 @@ def keys_create(
 ) -> None:
     """Create a key and print its secret once."""
     expires_at = parse_expiry(expires) if expires else None
-    with _opened(data_dir) as (settings, store):
+    with opened(data_dir) as (settings, store):
         new = _keys(settings, store).create(
             name, role, expires_at=expires_at, models=list(models_) or None, team=team, rpm=rpm, tpm=tpm,
             prompt_retention=prompt_retention,
         )
     if as_json:
-        _emit(new.record.to_dict() | {"key": new.secret})
+        emit(new.record.to_dict() | {"key": new.secret})
         return
     click.echo(f"created key {new.record.id} ({new.record.role}) for {new.record.name}")
     click.echo("The secret is shown once and cannot be recovered; store it now:")
@@ -251,13 +205,13 @@ def keys_create(
 @keys.command("list")
 @data_dir_option
 @json_option
-@_handled
+@handled
 def keys_list(data_dir: Path | None, as_json: bool) -> None:
     """List keys (never their secrets)."""
-    with _opened(data_dir) as (settings, store):
+    with opened(data_dir) as (settings, store):
         records = _keys(settings, store).list()
     if as_json:
-        _emit([r.to_dict() for r in records])
+        emit([r.to_dict() for r in records])
         return
     for r in records:
         d = r.to_dict()
@@ -267,9 +221,13 @@ def keys_list(data_dir: Path | None, as_json: bool) -> None:
 @keys.command("revoke")
 @click.argument("key_id")
 @data_dir_option
-@_handled
+@handled
 def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     """Revoke a key at once."""
-    with _opened(data_dir) as (settings, store):
+    with opened(data_dir) as (settings, store):
         record = _keys(settings, store).revoke(key_id)
     click.echo(f"revoked {record.id} ({record.name})")
+
+
+for group in (teams, budgets, usage, audit):
+    main.add_command(group)

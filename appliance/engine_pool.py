@@ -7,14 +7,13 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from appliance.config import Settings
+from appliance.model_registry import ModelRegistry, RegisteredModel
 from runtime.engine import Engine
 from runtime.errors import RuntimeFault
 from runtime.gpu import choose_gpu_layers, discover_gpus
 from runtime.llama_engine import LlamaEngine
 from runtime.model_file import inspect_model
-
-from appliance.config import Settings
-from appliance.model_registry import ModelRegistry, RegisteredModel
 
 log = logging.getLogger(__name__)
 

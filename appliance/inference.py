@@ -3,18 +3,16 @@ model, counts the prompt, sizes the completion, builds the sampling settings."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.engine import Embeddings, Engine, Finished, GenerationEvent, GenerationRequest, SamplingParams, TokenEvent
-from runtime.llama_engine import JSON_OBJECT_GRAMMAR, json_schema_to_grammar
-
-from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from appliance.api.schemas import ChatCompletionRequest, CompletionRequest
 from appliance.auth import Principal
 from appliance.engine_pool import EnginePool
 from appliance.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from runtime.engine import Engine, Finished, GenerationEvent, GenerationRequest, SamplingParams, TokenEvent
+from runtime.llama_engine import JSON_OBJECT_GRAMMAR, json_schema_to_grammar
 
 _SYSTEM_ALIASES = {"developer": "system"}
 
@@ -97,20 +95,20 @@ class InferenceService:
         assert finished is not None, "engine stream ended without Finished"
         return "".join(parts), finished
 
-    async def embed(self, principal: Principal, body: EmbeddingRequest) -> Embeddings:
-        if body.dimensions is not None:
-            raise InvalidRequest("dimensions is not supported", param="dimensions")
-        engine = self.resolve(principal, body.model)
-        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    def prepare_embeddings(self, principal: Principal, model: str, texts: list[str]) -> tuple[Engine, int]:
+        """Check the inputs and count their tokens; returns the engine and the token total."""
+        engine = self.resolve(principal, model)
         if any(not t for t in texts):
             raise InvalidRequest("input must not contain empty strings", param="input")
+        total = 0
         for text in texts:
             n = len(engine.tokenize(text))
             if n > engine.context_length:
                 raise ContextLengthExceeded(
                     f"An input is {n} tokens; this model embeds at most {engine.context_length}.", param="input"
                 )
-        return await engine.embed(texts)
+            total += n
+        return engine, total
 
 
 async def _prepend(first: GenerationEvent, rest: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
@@ -194,7 +192,3 @@ def usage_dict(finished: Finished) -> dict[str, Any]:
         "total_tokens": finished.prompt_tokens + finished.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": finished.cached_tokens},
     }
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))

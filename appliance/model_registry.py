@@ -11,11 +11,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime.errors import ModelFileError
-from runtime.model_file import ModelInfo, inspect_model
-
 from appliance.errors import Conflict, InvalidRequest, NotFound
 from appliance.store import Store
+from runtime.errors import ModelFileError
+from runtime.model_file import ModelInfo, inspect_model
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 

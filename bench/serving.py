@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from _common import DEFAULT_MODEL, MODEL_NAME, start_appliance, stream_chat, summary
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]

@@ -3,6 +3,7 @@ exception, never echoes a key, and leaves nothing in the store beyond what is in
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Any
 
@@ -31,13 +32,28 @@ def _assert_error(r: httpx.Response, status: int, code: str | None) -> dict[str,
     return body["error"]
 
 
-def _store_counts(server: Server) -> tuple[int, ...]:
+def _store_counts(server: Server) -> dict[str, int]:
     conn = sqlite3.connect(server.data_dir / "appliance.db")
     try:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        return tuple(conn.execute(f"SELECT COUNT(*) FROM [{t}]").fetchone()[0] for t in sorted(tables))
+        return {t: conn.execute(f"SELECT COUNT(*) FROM [{t}]").fetchone()[0] for t in sorted(tables)}
     finally:
         conn.close()
+
+
+def _only_an_audit_record_was_added(server: Server, before: dict[str, int], status: int, code: str | None) -> None:
+    """The intended trace of a refused request: one audit record saying so, and nothing else."""
+    after = _store_counts(server)
+    assert after["audit"] == before["audit"] + 1
+    assert {t: n for t, n in after.items() if t not in ("audit", "audit_checkpoints")} == {
+        t: n for t, n in before.items() if t not in ("audit", "audit_checkpoints")
+    }
+    conn = sqlite3.connect(server.data_dir / "appliance.db")
+    body = json.loads(conn.execute("SELECT body FROM audit ORDER BY idx DESC LIMIT 1").fetchone()[0])
+    conn.close()
+    assert body["status"] == status and body["outcome"] == "error"
+    assert body.get("error") == code
+    assert body["tokens"] == {"prompt": 0, "completion": 0, "cached": 0} and body["cost"] == 0
 
 
 @pytest.mark.parametrize(
@@ -62,7 +78,7 @@ def test_malformed_requests_are_400(server: Server, body: bytes, param: str | No
     assert err["type"] == "invalid_request_error"
     if param:
         assert err["param"] == param, err
-    assert _store_counts(server) == before
+    _only_an_audit_record_was_added(server, before, 400, "invalid_request_error")
 
 
 def test_unsupported_options_are_refused_not_ignored(server: Server) -> None:
@@ -119,7 +135,7 @@ def test_body_over_the_limit_is_413(server: Server) -> None:
     big = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "a" * (5 * 1024 * 1024)}]}
     r = _post(server, "/v1/chat/completions", key=server.user_key, json=big)
     _assert_error(r, 413, "request_too_large")
-    assert _store_counts(server) == before
+    _only_an_audit_record_was_added(server, before, 413, "request_too_large")
 
 
 def test_unknown_route_and_method(server: Server) -> None:

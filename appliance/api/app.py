@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import re
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from litestar import Litestar, Router
 from litestar.datastructures import State
@@ -16,19 +14,25 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import Message, Scope
 
-from appliance.api import admin_routes, health_routes, openai_routes
+from appliance.api import admin_routes, governance_routes, health_routes, openai_routes
+from appliance.api.audit_middleware import AuditMiddleware
+from appliance.api.context import assign_request_id
 from appliance.api.errors import EXCEPTION_HANDLERS
 from appliance.api.security import ANY_ROLE, KeyAuthMiddleware, role_guard
 from appliance.api.services import Services
+from appliance.audit import AuditLog
 from appliance.auth import KeyService, load_or_create_server_secret
 from appliance.config import Settings
 from appliance.engine_pool import EnginePool, load_local_engines
+from appliance.governance import Governance
 from appliance.inference import InferenceService
+from appliance.metering import BudgetService, CostModel, RateLimiter
 from appliance.model_registry import ModelRegistry
 from appliance.store import Store
+from appliance.teams import TeamService
+from runtime.gpu import read_power_watts
 
 log = logging.getLogger(__name__)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def build_services(settings: Settings, pool: EnginePool | None = None) -> Services:
@@ -37,6 +41,10 @@ def build_services(settings: Settings, pool: EnginePool | None = None) -> Servic
     paths.ensure()
     store = Store(paths.database, backups_dir=paths.backups).open()
     pool = pool if pool is not None else EnginePool()
+    budgets = BudgetService(store, currency=settings.costs.currency)
+    budgets.load()
+    audit = AuditLog.from_settings(store, settings)
+    costs = CostModel(settings.costs, settings.upstream_prices, power_watts_source=read_power_watts)
     return Services(
         settings=settings,
         store=store,
@@ -44,6 +52,10 @@ def build_services(settings: Settings, pool: EnginePool | None = None) -> Servic
         models=ModelRegistry(store, paths.models),
         pool=pool,
         inference=InferenceService(pool),
+        teams=TeamService(store),
+        budgets=budgets,
+        audit=audit,
+        governance=Governance(settings, store, audit, costs, budgets, RateLimiter()),
     )
 
 
@@ -60,11 +72,17 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None) -> Litesta
                 services.pool.add(engine)
             services.pool.failures.update(loaded.failures)
         app.state.services = services
+        checkpoints = asyncio.create_task(services.audit.run_periodic_checkpoints())
         log.info("serving models: %s", ", ".join(services.pool.names()) or "none")
         try:
             yield
         finally:
+            checkpoints.cancel()
             await services.pool.close()
+            try:
+                await services.audit.checkpoint_if_due(force=True)
+            except Exception:
+                log.exception("final audit checkpoint failed")
             services.store.close()
 
     openapi = OpenAPIConfig(
@@ -75,10 +93,10 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None) -> Litesta
         openapi_router=Router(path="/schema", route_handlers=[], opt=dict(ANY_ROLE)),
     )
     return Litestar(
-        route_handlers=[*health_routes.ROUTES, *openai_routes.ROUTES, *admin_routes.ROUTES],
+        route_handlers=[*health_routes.ROUTES, *openai_routes.ROUTES, *admin_routes.ROUTES, *governance_routes.ROUTES],
         lifespan=[lifespan],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
-        middleware=[KeyAuthMiddleware],
+        middleware=[AuditMiddleware, KeyAuthMiddleware],
         guards=[role_guard],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         before_send=[_add_request_id],
@@ -96,12 +114,6 @@ def _services(state: State) -> Services:
 async def _add_request_id(message: Message, scope: Scope) -> None:
     if message["type"] != "http.response.start":
         return
-    state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[assignment]
-    request_id = state.get("request_id")
-    if request_id is None:
-        incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(12)
-        state["request_id"] = request_id
     headers = list(message.get("headers", []))
-    headers.append((b"x-request-id", request_id.encode()))
+    headers.append((b"x-request-id", assign_request_id(scope).encode()))
     message["headers"] = headers  # type: ignore[typeddict-unknown-key]

@@ -10,6 +10,14 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from appliance.api.context import find_context
+from appliance.errors import (
+    ApplianceError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    Overloaded,
+    ServiceUnavailable,
+)
 from runtime.errors import (
     ContextOverflow,
     EngineOverloaded,
@@ -17,14 +25,6 @@ from runtime.errors import (
     InvalidGenerationRequest,
     ModelFileError,
     RuntimeFault,
-)
-
-from appliance.errors import (
-    ApplianceError,
-    ContextLengthExceeded,
-    InvalidRequest,
-    Overloaded,
-    ServiceUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,15 @@ def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None 
     )
 
 
-def handle_appliance_error(_: Request[Any, Any, Any], exc: ApplianceError) -> Response[bytes]:
+def _note_error(request: Request[Any, Any, Any], code: str | None) -> None:
+    """Tell the audit record which error this request ended with."""
+    ctx = find_context(request.scope)
+    if ctx is not None and ctx.error_code is None:
+        ctx.error_code = code
+
+
+def handle_appliance_error(request: Request[Any, Any, Any], exc: ApplianceError) -> Response[bytes]:
+    _note_error(request, exc.code)
     return _response(exc.status, error_body(exc.message, exc.type, exc.code, exc.param), exc.headers)
 
 
@@ -81,9 +89,10 @@ def handle_runtime_error(request: Request[Any, Any, Any], exc: RuntimeFault) -> 
     return handle_appliance_error(request, from_runtime(exc))
 
 
-def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     type_, code = _HTTP_CODES.get(status, ("server_error", None))
+    _note_error(request, code)
     message = exc.detail
     param = None
     if isinstance(exc, ValidationException):

@@ -7,7 +7,7 @@ from typing import Any
 from litestar import Response, get
 
 from appliance.api.security import PUBLIC
-from appliance.api.services import Services
+from appliance.api.services import ServicesDep
 
 
 @get("/healthz", opt=PUBLIC, name="health:live", include_in_schema=True)
@@ -16,7 +16,7 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", opt=PUBLIC, name="health:ready")
-async def readyz(services: Services) -> Response[dict[str, Any]]:
+async def readyz(services: ServicesDep) -> Response[dict[str, Any]]:
     models = {e.name: e.health().ok for e in services.pool.engines()}
     ready = any(models.values())
     body = {"status": "ready" if ready else "not ready", "models": models}

@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints under /v1. Thin: parse, call the inference service, format."""
+"""OpenAI-compatible endpoints under /v1. Thin: parse, prepare, admit, run, format."""
 
 from __future__ import annotations
 
@@ -6,47 +6,69 @@ import base64
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
-from runtime.engine import Finished, GenerationEvent, TokenEvent
-
+from appliance.api.context import request_context
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from appliance.api.security import ANY_ROLE, roles
-from appliance.api.services import Services
+from appliance.api.services import ServicesDep
 from appliance.auth import Principal, Role
 from appliance.errors import InvalidRequest
+from appliance.governance import RequestContext
 from appliance.inference import Prepared, usage_dict
+from runtime.engine import Finished, GenerationEvent, TokenEvent
 
 INFERENCE = roles(Role.USER, Role.OPERATOR)
 _encode = msgspec.json.encode
 _DONE = b"data: [DONE]\n\n"
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+ChunkFn = Callable[[dict[str, Any], str, Any], dict[str, Any]]
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
-def _headers(prepared: Prepared) -> dict[str, str]:
-    return {"x-appliance-model": prepared.model}
+def _admit(services: ServicesDep, ctx: RequestContext, principal: Principal, prepared: list[Prepared]) -> dict[str, str]:
+    """Record the routing decision on the context and admit the request; returns headers."""
+    first = prepared[0]
+    ctx.model = first.model
+    ctx.models_tried = [first.model]
+    admission = services.governance.admit(
+        ctx,
+        principal,
+        first.model,
+        sum(p.prompt_tokens for p in prepared),
+        sum(p.request.max_tokens for p in prepared),
+    )
+    return {"x-appliance-model": first.model, "x-appliance-route": first.model} | admission.headers
 
 
 @post("/v1/chat/completions", opt=INFERENCE, name="chat:create", status_code=200)
 async def create_chat_completion(
-    request: Request[Principal, Any, Any], data: ChatCompletionRequest, services: Services
+    request: Request[Principal, Any, Any], data: JSONBody[ChatCompletionRequest], services: ServicesDep
 ) -> Response[Any]:
+    ctx = request_context(request.scope)
+    ctx.user = data.user or None
     prepared = services.inference.prepare_chat(request.user, data)
+    ctx.prompt_text = "\n".join(f"{m.role}: {m.text()}" for m in data.messages)
+    headers = _admit(services, ctx, request.user, [prepared])
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if data.stream:
         stream = await services.inference.open_stream(prepared)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        body = _chat_chunks(stream, ident, created, prepared.model, include_usage)
-        return Stream(body, media_type="text/event-stream", headers=_headers(prepared) | _SSE_HEADERS)
+        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": prepared.model}
+        body = _sse_stream(services, ctx, stream, base, _chat_choice, include_usage, opening=_chat_opening)
+        return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
     text, finished = await services.inference.run(prepared)
+    ctx.finished = finished
     payload = {
         "id": ident,
         "object": "chat.completion",
@@ -62,52 +84,58 @@ async def create_chat_completion(
         ],
         "usage": usage_dict(finished),
     }
-    return Response(_encode(payload), media_type="application/json", headers=_headers(prepared))
+    return Response(_encode(payload), media_type="application/json", headers=headers)
 
 
 @post("/v1/completions", opt=INFERENCE, name="completions:create", status_code=200)
 async def create_completion(
-    request: Request[Principal, Any, Any], data: CompletionRequest, services: Services
+    request: Request[Principal, Any, Any], data: JSONBody[CompletionRequest], services: ServicesDep
 ) -> Response[Any]:
+    ctx = request_context(request.scope)
+    ctx.user = data.user or None
     prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
+    if data.stream and len(prompts) > 1:
+        raise InvalidRequest("stream supports a single prompt", param="prompt")
     prepared_all = [services.inference.prepare_completion(request.user, data, p) for p in prompts]
+    ctx.prompt_text = "\n".join(prompts)
+    headers = _admit(services, ctx, request.user, prepared_all)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if data.stream:
-        if len(prepared_all) > 1:
-            raise InvalidRequest("stream supports a single prompt", param="prompt")
-        prepared = prepared_all[0]
-        stream = await services.inference.open_stream(prepared)
+        stream = await services.inference.open_stream(prepared_all[0])
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        body = _completion_chunks(stream, ident, created, prepared.model, include_usage)
-        return Stream(body, media_type="text/event-stream", headers=_headers(prepared) | _SSE_HEADERS)
-    choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+        base = {"id": ident, "object": "text_completion", "created": created, "model": data.model}
+        body = _sse_stream(services, ctx, stream, base, _completion_choice, include_usage)
+        return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
+    choices, results = [], []
     for index, prepared in enumerate(prepared_all):
         text, finished = await services.inference.run(prepared)
         choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": _finish(finished)})
-        prompt_tokens += finished.prompt_tokens
-        completion_tokens += finished.completion_tokens
-        cached += finished.cached_tokens
+        results.append(finished)
+    ctx.finished = _combined(results)
     payload = {
         "id": ident,
         "object": "text_completion",
         "created": created,
         "model": data.model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        },
+        "usage": usage_dict(ctx.finished),
     }
-    return Response(_encode(payload), media_type="application/json", headers=_headers(prepared_all[0]))
+    return Response(_encode(payload), media_type="application/json", headers=headers)
 
 
 @post("/v1/embeddings", opt=INFERENCE, name="embeddings:create", status_code=200)
 async def create_embeddings(
-    request: Request[Principal, Any, Any], data: EmbeddingRequest, services: Services
+    request: Request[Principal, Any, Any], data: JSONBody[EmbeddingRequest], services: ServicesDep
 ) -> Response[Any]:
-    result = await services.inference.embed(request.user, data)
+    ctx = request_context(request.scope)
+    ctx.user = data.user or None
+    texts = [data.input] if isinstance(data.input, str) else list(data.input)
+    engine, prompt_tokens = services.inference.prepare_embeddings(request.user, data.model, texts)
+    ctx.model, ctx.models_tried, ctx.prompt_text = data.model, [data.model], "\n".join(texts)
+    admission = services.governance.admit(ctx, request.user, data.model, prompt_tokens, 0)
+    started = time.perf_counter()
+    result = await engine.embed(texts)
+    ctx.finished = Finished("stop", result.prompt_tokens, 0, compute_seconds=time.perf_counter() - started)
     items = [
         {"object": "embedding", "index": i, "embedding": _vector(v, data.encoding_format)}
         for i, v in enumerate(result.vectors)
@@ -118,11 +146,12 @@ async def create_embeddings(
         "model": data.model,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
-    return Response(_encode(payload), media_type="application/json", headers={"x-appliance-model": data.model})
+    headers = {"x-appliance-model": data.model, "x-appliance-route": data.model} | admission.headers
+    return Response(_encode(payload), media_type="application/json", headers=headers)
 
 
 @get("/v1/models", opt=ANY_ROLE, name="models:list")
-async def list_models(request: Request[Principal, Any, Any], services: Services) -> dict[str, Any]:
+async def list_models(request: Request[Principal, Any, Any], services: ServicesDep) -> dict[str, Any]:
     created = {m.name: int(m.added_at) for m in services.models.list()}
     return {
         "object": "list",
@@ -134,19 +163,29 @@ async def list_models(request: Request[Principal, Any, Any], services: Services)
 
 
 @get("/v1/models/{model_id:str}", opt=ANY_ROLE, name="models:get")
-async def get_model(request: Request[Principal, Any, Any], model_id: str, services: Services) -> dict[str, Any]:
+async def get_model(request: Request[Principal, Any, Any], model_id: FromPath[str], services: ServicesDep) -> dict[str, Any]:
     services.inference.resolve(request.user, model_id)
-    created = services.models.find(model_id)
-    return {"id": model_id, "object": "model", "created": int(created.added_at) if created else 0, "owned_by": "appliance"}
+    record = services.models.find(model_id)
+    return {"id": model_id, "object": "model", "created": int(record.added_at) if record else 0, "owned_by": "appliance"}
 
 
 ROUTES = [create_chat_completion, create_completion, create_embeddings, list_models, get_model]
 
-_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
 
 def _finish(finished: Finished) -> str:
     return "length" if finished.reason == "length" else "stop"
+
+
+def _combined(results: list[Finished]) -> Finished:
+    return Finished(
+        reason=results[-1].reason,
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        completion_tokens=sum(r.completion_tokens for r in results),
+        cached_tokens=sum(r.cached_tokens for r in results),
+        queue_seconds=sum(r.queue_seconds for r in results),
+        compute_seconds=sum(r.compute_seconds for r in results),
+        energy_joules=sum(r.energy_joules for r in results),
+    )
 
 
 def _vector(values: list[float], encoding: str) -> list[float] | str:
@@ -155,40 +194,45 @@ def _vector(values: list[float], encoding: str) -> list[float] | str:
     return values
 
 
-async def _chat_chunks(
-    stream: AsyncIterator[GenerationEvent], ident: str, created: int, model: str, include_usage: bool
+def _chat_opening(base: dict[str, Any]) -> dict[str, Any]:
+    return base | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+
+
+def _chat_choice(base: dict[str, Any], text: str, finish: str | None) -> dict[str, Any]:
+    delta = {"content": text} if finish is None else {}
+    return base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _completion_choice(base: dict[str, Any], text: str, finish: str | None) -> dict[str, Any]:
+    return base | {"choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+async def _sse_stream(
+    services: ServicesDep,
+    ctx: RequestContext,
+    stream: AsyncIterator[GenerationEvent],
+    base: dict[str, Any],
+    choice: ChunkFn,
+    include_usage: bool,
+    *,
+    opening: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> AsyncIterator[bytes]:
-    base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+    """Server-sent events; the usage and audit records are committed before `[DONE]`."""
     extra = {"usage": None} if include_usage else {}
     try:
-        yield _sse(base | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]} | extra)
+        if opening is not None:
+            yield _sse(opening(base) | extra)
         async for event in stream:
             if isinstance(event, TokenEvent):
                 if event.text:
-                    yield _sse(base | {"choices": [{"index": 0, "delta": {"content": event.text}, "finish_reason": None}]} | extra)
-            else:
-                yield _sse(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": _finish(event)}]} | extra)
-                if include_usage:
-                    yield _sse(base | {"choices": [], "usage": usage_dict(event)})
-        yield _DONE
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-
-
-async def _completion_chunks(
-    stream: AsyncIterator[GenerationEvent], ident: str, created: int, model: str, include_usage: bool
-) -> AsyncIterator[bytes]:
-    base = {"id": ident, "object": "text_completion", "created": created, "model": model}
-    extra = {"usage": None} if include_usage else {}
-    try:
-        async for event in stream:
-            if isinstance(event, TokenEvent):
-                if event.text:
-                    yield _sse(base | {"choices": [{"index": 0, "text": event.text, "logprobs": None, "finish_reason": None}]} | extra)
-            else:
-                yield _sse(base | {"choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": _finish(event)}]} | extra)
-                if include_usage:
-                    yield _sse(base | {"choices": [], "usage": usage_dict(event)})
+                    ctx.streamed_tokens += 1
+                    yield _sse(choice(base, event.text, None) | extra)
+                continue
+            ctx.finished = event
+            yield _sse(choice(base, "", _finish(event)) | extra)
+            if include_usage:
+                yield _sse(base | {"choices": [], "usage": usage_dict(event)})
+        await services.governance.complete(ctx, 200)
         yield _DONE
     finally:
         await stream.aclose()  # type: ignore[attr-defined]

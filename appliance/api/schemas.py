@@ -98,7 +98,7 @@ class EmbeddingRequest(Struct, kw_only=True):
     model: str
     input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: None = None  # OpenAI's option; local models have one fixed size
     user: str | UnsetType = UNSET
 
 
@@ -111,6 +111,19 @@ class CreateKeyRequest(Struct, kw_only=True):
     rpm: int | None = None
     tpm: int | None = None
     prompt_retention: str | None = None
+
+
+class CreateTeamRequest(Struct, kw_only=True):
+    name: str
+    prompt_retention: Literal["none", "sha256", "redacted", "full"] | None = None
+
+
+class CreateBudgetRequest(Struct, kw_only=True):
+    scope: Literal["key", "team"]
+    scope_id: str
+    amount: Annotated[float, Meta(ge=0)]
+    unit: Literal["money", "tokens"] = "money"
+    period: Literal["day", "month", "total"] = "month"
 
 
 # -- responses (plain dicts are built in the handlers; these document the shapes) -----------

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from litestar.di import NamedDependency
+
+from appliance.audit import AuditLog
 from appliance.auth import KeyService
 from appliance.config import Settings
 from appliance.engine_pool import EnginePool
+from appliance.governance import Governance
 from appliance.inference import InferenceService
+from appliance.metering import BudgetService
 from appliance.model_registry import ModelRegistry
 from appliance.store import Store
+from appliance.teams import TeamService
 
 
 @dataclass(slots=True)
@@ -20,3 +26,10 @@ class Services:
     models: ModelRegistry
     pool: EnginePool
     inference: InferenceService
+    teams: TeamService
+    budgets: BudgetService
+    audit: AuditLog
+    governance: Governance
+
+
+ServicesDep = NamedDependency[Services]  # how handlers ask for the services

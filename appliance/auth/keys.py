@@ -13,7 +13,7 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.auth.principal import Principal, Role
@@ -247,7 +247,7 @@ def _record(row: sqlite3.Row) -> KeyRecord:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
 
 
 def parse_expiry(text: str) -> float:
@@ -259,5 +259,5 @@ def parse_expiry(text: str) -> float:
             f"expiry {text!r} is not a date: use YYYY-MM-DD or an ISO 8601 time", param="expires_at"
         ) from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     return value.timestamp()

@@ -63,7 +63,9 @@ class Store:
 
     # -- life cycle -------------------------------------------------------------------------
     def open(self) -> Store:
-        """Run pending migrations (backing up first) and start the writer thread."""
+        """Run pending migrations (backing up first) and start the writer thread. Idempotent."""
+        if self._writer is not None:
+            return self
         migrate(self.path, backups_dir=self._backups_dir)
         conn = open_connection(self.path)
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="store-writer", daemon=True)
@@ -83,7 +85,7 @@ class Store:
             self._readers.clear()
 
     def __enter__(self) -> Store:
-        return self.open()
+        return self.open()  # no-op when already open
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -1,0 +1,259 @@
+"""The governed part of every API request: admission (rate limits, then a budget reservation
+of the worst case) before any compute, and afterwards one durable write holding the usage
+record and the audit record together, followed by settlement of the reservation.
+
+`RequestContext` travels with the request (the audit middleware creates it, handlers fill it
+in); `Governance.complete` is called exactly once per request, also on client disconnect."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.audit import AuditLog
+from appliance.audit.retention import resolve_policy, retain
+from appliance.auth import Principal
+from appliance.config import Settings
+from appliance.errors import AuditUnavailable, StoreError
+from appliance.metering import BudgetService, CostModel, RateHeaders, RateLimiter, Reservation, UsageRecord, insert_fn
+from appliance.store import Store
+from runtime.engine import Finished
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Admission:
+    """What admission granted: the reservation to settle and the tokens charged up front."""
+
+    model: str
+    reservation: Reservation
+    rate: RateHeaders
+    charged_tokens: int
+    prompt_tokens: int
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.rate.as_dict()
+
+
+@dataclass(slots=True)
+class AdminAction:
+    action: str
+    target: str | None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything the audit record and the usage record need, gathered along the request."""
+
+    request_id: str
+    route: str
+    client: str
+    started: float = field(default_factory=time.perf_counter)
+    principal: Principal | None = None
+    models_tried: list[str] = field(default_factory=list)
+    model: str | None = None
+    prompt_text: str | None = None
+    user: str | None = None
+    admission: Admission | None = None
+    finished: Finished | None = None
+    streamed_tokens: int = 0  # tokens already sent, for a stream cut short
+    admin: AdminAction | None = None
+    error_code: str | None = None
+    completed: bool = False
+
+
+class Governance:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        audit: AuditLog,
+        costs: CostModel,
+        budgets: BudgetService,
+        limiter: RateLimiter,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self.audit = audit
+        self.costs = costs
+        self.budgets = budgets
+        self.limiter = limiter
+
+    # -- before compute ---------------------------------------------------------------------
+    def admit(self, ctx: RequestContext, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
+        """Check the key's rate limits, then reserve the worst case against every budget.
+
+        Raises `RateLimited` or `QuotaExceeded` (429) before any compute is spent.
+        """
+        tokens = prompt_tokens + max_tokens
+        rate = self.limiter.check(principal.key_id, principal.rpm, principal.tpm, tokens)
+        worst = self.costs.worst_case(model, prompt_tokens, max_tokens)
+        try:
+            reservation = self.budgets.reserve(principal.key_id, principal.team_id, cost=worst, tokens=tokens)
+        except BaseException:
+            self.limiter.refund(principal.key_id, tokens)
+            raise
+        ctx.admission = Admission(model, reservation, rate, tokens, prompt_tokens)
+        return ctx.admission
+
+    # -- after the response is produced ------------------------------------------------------
+    async def complete(self, ctx: RequestContext, status: int) -> None:
+        """Settle, and commit the usage and audit records in one transaction.
+
+        Raises `AuditUnavailable` when the records cannot be committed; the reservation is then
+        released so the ledger keeps matching the usage table.
+        """
+        job, settle = self._prepare(ctx, status)
+        try:
+            await self._store.write(job)
+        except (StoreError, OSError) as exc:
+            raise AuditUnavailable(f"the audit record could not be written: {exc}") from exc
+        else:
+            settle()
+        finally:
+            self._release(ctx)
+
+    def complete_nowait(self, ctx: RequestContext, status: int) -> None:
+        """For a request whose client is gone: queue the same write without waiting on it."""
+        try:
+            job, settle = self._prepare(ctx, status)
+        except Exception:
+            log.exception("could not account request %s", ctx.request_id)
+            self._release(ctx)
+            return
+
+        def done(future: Any) -> None:
+            if future.exception() is None:
+                settle()
+            else:
+                log.error("audit write for request %s failed: %s", ctx.request_id, future.exception())
+            self._release(ctx)
+
+        try:
+            self._store.submit(job).add_done_callback(done)
+        except StoreError:
+            log.error("store closed; request %s not recorded", ctx.request_id)
+            self._release(ctx)
+
+    def _prepare(self, ctx: RequestContext, status: int) -> tuple[Callable[[Any], Any], Callable[[], None]]:
+        ctx.completed = True
+        now = time.time()
+        usage = self._usage(ctx, status, now)
+        body = self._audit_body(ctx, status, usage)
+        p = ctx.principal
+        audit_fn = self.audit.append_fn(
+            "admin" if ctx.admin and status < 400 else "request",
+            body,
+            key_id=p.key_id if p else None,
+            team_id=p.team_id if p else None,
+            ts=now,
+        )
+        if usage is None:
+            return audit_fn, lambda: None
+        record, bill = usage
+        usage_fn = insert_fn(record)
+        admission = ctx.admission
+        assert admission is not None
+
+        def settle() -> None:
+            self.budgets.settle(admission.reservation, cost=bill.cost, tokens=bill.tokens, ts=record.ts)
+
+        return (lambda conn: (usage_fn(conn), audit_fn(conn))), settle
+
+    def _release(self, ctx: RequestContext) -> None:
+        admission = ctx.admission
+        if admission is None:
+            return
+        self.budgets.release(admission.reservation)  # no-op once settled
+        used = ctx.finished.prompt_tokens + ctx.finished.completion_tokens if ctx.finished else 0
+        self.limiter.refund(ctx.principal.key_id if ctx.principal else "", admission.charged_tokens - used)
+
+    def _usage(self, ctx: RequestContext, status: int, now: float) -> tuple[UsageRecord, Any] | None:
+        admission, p = ctx.admission, ctx.principal
+        if admission is None or p is None:
+            return None
+        model = admission.model
+        f = ctx.finished
+        if f is not None:
+            prompt, completion, cached = f.prompt_tokens, f.completion_tokens, f.cached_tokens
+            queue_s, compute_s, energy = f.queue_seconds, f.compute_seconds, f.energy_joules
+            self.costs.observe(model, tokens=prompt - cached + completion, compute_seconds=compute_s)
+        else:
+            # Cut short before the engine reported: estimate from what was streamed.
+            prompt, completion, cached = admission.prompt_tokens, ctx.streamed_tokens, 0
+            queue_s = 0.0
+            compute_s = self.costs.seconds_per_token(model) * (prompt + completion)
+            energy = compute_s * self.costs.watts()
+        measured = self.costs.actual(
+            model, prompt_tokens=prompt, completion_tokens=completion, energy_joules=energy, compute_seconds=compute_s
+        )
+        bill = admission.reservation.bill(cost=measured, tokens=prompt + completion)
+        record = UsageRecord(
+            request_id=ctx.request_id,
+            ts=now,
+            key_id=p.key_id,
+            team_id=p.team_id,
+            model=model,
+            status=status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            queue_ms=queue_s * 1000,
+            compute_ms=compute_s * 1000,
+            energy_j=energy,
+            cost=bill.cost,
+            unbilled_cost=bill.unbilled_cost,
+            unbilled_tokens=bill.unbilled_tokens,
+        )
+        return record, bill
+
+    def _audit_body(self, ctx: RequestContext, status: int, usage: tuple[UsageRecord, Any] | None) -> dict[str, Any]:
+        p = ctx.principal
+        principal = {"key_id": p.key_id, "key_name": p.name, "team": p.team_id, "role": str(p.role)} if p else None
+        if ctx.admin and status < 400:
+            return {
+                "request_id": ctx.request_id,
+                "actor": principal,
+                "action": ctx.admin.action,
+                "target": ctx.admin.target,
+                "before": ctx.admin.before,
+                "after": ctx.admin.after,
+                "client": ctx.client,
+            }
+        outcome = "ok" if status < 400 else "error"
+        if ctx.finished is not None and ctx.finished.reason == "cancelled" or (status < 400 and not ctx.completed):
+            outcome = "cancelled"
+        record = usage[0] if usage else None
+        body: dict[str, Any] = {
+            "request_id": ctx.request_id,
+            "principal": principal,
+            "route": ctx.route,
+            "models_tried": ctx.models_tried,
+            "model": ctx.model,
+            "outcome": outcome,
+            "status": status,
+            "tokens": {
+                "prompt": record.prompt_tokens if record else 0,
+                "completion": record.completion_tokens if record else 0,
+                "cached": record.cached_tokens if record else 0,
+            },
+            "cost": record.cost if record else 0.0,
+            "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
+            "client": ctx.client,
+            "user": ctx.user,
+        }
+        if ctx.error_code:
+            body["error"] = ctx.error_code
+        if ctx.prompt_text is not None and p is not None:
+            policy = resolve_policy(p.prompt_retention, None, self._settings.audit.default_prompt_retention)
+            kept = retain(policy, ctx.prompt_text)
+            if kept is not None:
+                body["prompt"] = kept
+        return body

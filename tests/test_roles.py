@@ -1,0 +1,128 @@
+"""Walks every route of the app against every role and against no key at all.
+
+`EXPECTED` is the access policy written down independently of the code: a route added
+without an entry here, or whose declared roles differ from it, makes this test fail."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from appliance.api.app import create_app
+from appliance.config import load_settings
+from tests.conftest import MODEL_NAME, Server, run_cli
+
+ALL = {"admin", "operator", "auditor", "user"}
+PUBLIC = "public"
+CLOSED: set[str] = set()  # declared by nobody: refused to every role
+
+EXPECTED: dict[tuple[str, str], set[str] | str] = {
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    ("POST", "/v1/chat/completions"): {"admin", "operator", "user"},
+    ("POST", "/v1/completions"): {"admin", "operator", "user"},
+    ("POST", "/v1/embeddings"): {"admin", "operator", "user"},
+    ("GET", "/v1/models"): ALL,
+    ("GET", "/v1/models/{model_id:str}"): ALL,
+    ("POST", "/admin/keys"): {"admin"},
+    ("GET", "/admin/keys"): {"admin", "auditor"},
+    ("DELETE", "/admin/keys/{key_id:str}"): {"admin"},
+    ("POST", "/admin/teams"): {"admin"},
+    ("GET", "/admin/teams"): {"admin", "auditor"},
+    ("DELETE", "/admin/teams/{team_id:str}"): {"admin"},
+    ("POST", "/admin/budgets"): {"admin"},
+    ("GET", "/admin/budgets"): {"admin", "auditor"},
+    ("DELETE", "/admin/budgets/{budget_id:int}"): {"admin"},
+    ("GET", "/admin/usage"): {"admin", "auditor"},
+    ("GET", "/admin/audit"): {"admin", "auditor"},
+    ("GET", "/admin/audit/verify"): {"admin", "auditor"},
+    ("GET", "/admin/audit/export"): {"admin", "auditor"},
+    ("POST", "/admin/audit/checkpoint"): {"admin", "auditor"},
+    ("GET", "/admin/models"): {"admin", "operator"},
+    ("GET", "/schema/openapi.json"): ALL,
+    ("GET", "/schema"): ALL,
+    ("GET", "/schema/{path:str}"): ALL,
+}
+
+
+def _app_routes() -> set[tuple[str, str]]:
+    app = create_app(load_settings(tempfile.mkdtemp(), env={}))
+    return {(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) if m != "OPTIONS"}
+
+
+def test_every_route_has_a_declared_policy() -> None:
+    routes = _app_routes()
+    assert routes - EXPECTED.keys() == set(), "routes without an access policy in EXPECTED"
+    assert EXPECTED.keys() - routes == set(), "EXPECTED names routes the app no longer has"
+
+
+@dataclass
+class Keys:
+    by_role: dict[str, str]
+    admin: str
+
+
+@pytest.fixture(scope="module")
+def keys(server: Server) -> Keys:
+    by_role = {}
+    for role in sorted(ALL):
+        out = run_cli("keys", "create", "--name", f"walk-{role}", "--role", role, "--json", data_dir=server.data_dir)
+        by_role[role] = json.loads(out.stdout)["key"]
+    return Keys(by_role, server.admin_key)
+
+
+def _admin_post(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    r = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {server.admin_key}"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _request_for(server: Server, method: str, path: str) -> tuple[str, str, dict[str, Any] | None]:
+    """A valid request for the route; resources to delete are created fresh each time."""
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    makers: dict[tuple[str, str], Callable[[], tuple[str, dict[str, Any] | None]]] = {
+        ("POST", "/v1/chat/completions"): lambda: (path, chat),
+        ("POST", "/v1/completions"): lambda: (path, {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}),
+        ("POST", "/v1/embeddings"): lambda: (path, {"model": MODEL_NAME, "input": "hi"}),
+        ("GET", "/v1/models/{model_id:str}"): lambda: (f"/v1/models/{MODEL_NAME}", None),
+        ("POST", "/admin/keys"): lambda: (path, {"name": "walked", "role": "user"}),
+        ("DELETE", "/admin/keys/{key_id:str}"): lambda: (
+            f"/admin/keys/{_admin_post(server, '/admin/keys', {'name': 'doomed', 'role': 'user'})['id']}", None
+        ),
+        ("POST", "/admin/teams"): lambda: (path, {"name": f"team-{uuid.uuid4().hex[:8]}"}),
+        ("DELETE", "/admin/teams/{team_id:str}"): lambda: (
+            f"/admin/teams/{_admin_post(server, '/admin/teams', {'name': f'doomed-{uuid.uuid4().hex[:8]}'})['id']}", None
+        ),
+        ("POST", "/admin/budgets"): lambda: (path, {"scope": "team", "scope_id": "default", "amount": 1000, "period": "total"}),
+        ("DELETE", "/admin/budgets/{budget_id:int}"): lambda: (
+            f"/admin/budgets/{_admin_post(server, '/admin/budgets', {'scope': 'team', 'scope_id': 'default', 'amount': 999, 'unit': 'tokens', 'period': 'day'})['id']}",
+            None,
+        ),
+        ("GET", "/schema/{path:str}"): lambda: ("/schema/openapi.json", None),
+    }
+    target, body = makers.get((method, path), lambda: (path, None))()
+    return method, target, body
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(EXPECTED))
+def test_route_against_every_role_and_no_key(server: Server, keys: Keys, method: str, path: str) -> None:
+    policy = EXPECTED[(method, path)]
+    for role in [None, *sorted(ALL)]:
+        verb, target, body = _request_for(server, method, path)
+        headers = {"Authorization": f"Bearer {keys.by_role[role]}"} if role else {}
+        r = httpx.request(verb, server.url + target, json=body, headers=headers, timeout=60)
+        if policy == PUBLIC:
+            expected = "2xx"
+        elif role is None:
+            expected = "401"
+        else:
+            expected = "2xx" if role in policy else "403"
+        got = "2xx" if 200 <= r.status_code < 300 else str(r.status_code)
+        assert got == expected, f"{method} {path} as {role or 'no key'}: {r.status_code} {r.text[:200]}"
