@@ -11,7 +11,7 @@ import click
 from appliance.audit.cli import audit
 from appliance.auth import KeyService, load_or_create_server_secret
 from appliance.auth.keys import parse_expiry
-from appliance.cli_support import data_dir_option, emit, handled, json_option, opened
+from appliance.cli_support import audit_admin, data_dir_option, emit, handled, json_option, opened
 from appliance.config import Settings, load_settings
 from appliance.logs import configure_logging
 from appliance.metering.cli import budgets, teams, usage
@@ -68,12 +68,16 @@ def init(data_dir: Path | None, model_path: Path | None, model_name: str | None,
         result: dict[str, Any] = {"data_dir": str(paths.root), "admin_key": None, "model": None}
         if keys.count() == 0:
             new = keys.create("admin", "admin")
+            audit_admin(settings, store, "keys.create", new.record.id, after=new.record.to_dict())
             result["admin_key"] = new.secret
             result["admin_key_id"] = new.record.id
         if model_path is not None:
             registry = ModelRegistry(store, paths.models)
             existing = registry.find_by_sha256(sha256_file(model_path)) if model_path.exists() else None
-            result["model"] = (existing or registry.add(model_path, model_name)).name
+            if existing is None:
+                existing = registry.add(model_path, model_name)
+                audit_admin(settings, store, "models.add", existing.name, after=existing.to_dict())
+            result["model"] = existing.name
     if as_json:
         emit(result)
         return
@@ -118,6 +122,7 @@ def models_add(path: Path, name: str | None, data_dir: Path | None, as_json: boo
     """Validate a GGUF file, copy it into the data directory and register it."""
     with opened(data_dir) as (settings, store):
         record = ModelRegistry(store, settings.paths.models).add(path, name)
+        audit_admin(settings, store, "models.add", record.name, after=record.to_dict())
     if as_json:
         emit(record.to_dict())
     else:
@@ -153,7 +158,8 @@ def models_list(data_dir: Path | None, as_json: bool) -> None:
 def models_remove(name: str, data_dir: Path | None) -> None:
     """Unregister a model and delete its copy in the data directory."""
     with opened(data_dir) as (settings, store):
-        ModelRegistry(store, settings.paths.models).remove(name)
+        removed = ModelRegistry(store, settings.paths.models).remove(name)
+        audit_admin(settings, store, "models.remove", name, before=removed.to_dict())
     click.echo(f"removed {name}")
 
 
@@ -194,6 +200,7 @@ def keys_create(
             name, role, expires_at=expires_at, models=list(models_) or None, team=team, rpm=rpm, tpm=tpm,
             prompt_retention=prompt_retention,
         )
+        audit_admin(settings, store, "keys.create", new.record.id, after=new.record.to_dict())
     if as_json:
         emit(new.record.to_dict() | {"key": new.secret})
         return
@@ -225,7 +232,10 @@ def keys_list(data_dir: Path | None, as_json: bool) -> None:
 def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     """Revoke a key at once."""
     with opened(data_dir) as (settings, store):
-        record = _keys(settings, store).revoke(key_id)
+        keys = _keys(settings, store)
+        before = keys.get(key_id).to_dict()
+        record = keys.revoke(key_id)
+        audit_admin(settings, store, "keys.revoke", key_id, before=before, after=record.to_dict())
     click.echo(f"revoked {record.id} ({record.name})")
 
 

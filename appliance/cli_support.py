@@ -13,13 +13,14 @@ from typing import Any, TypeVar
 
 import click
 
+from appliance.audit.log import AuditLog, admin_body, cli_actor
 from appliance.config import Settings, load_settings
 from appliance.errors import ApplianceError
 from appliance.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["data_dir_option", "emit", "handled", "json_option", "opened"]
+__all__ = ["audit_admin", "data_dir_option", "emit", "handled", "json_option", "opened"]
 
 
 def data_dir_option(fn: F) -> F:
@@ -61,3 +62,11 @@ def handled(fn: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def audit_admin(
+    settings: Settings, store: Store, action: str, target: str | None, *, before: Any = None, after: Any = None
+) -> None:
+    """Record a change made from the command line as an admin audit record."""
+    log = AuditLog.from_settings(store, settings)
+    log.append_sync("admin", admin_body(cli_actor(), action, target, before=before, after=after), key_id=None, team_id=None)

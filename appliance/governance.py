@@ -30,7 +30,7 @@ class Admission:
     """What admission granted: the reservation to settle and the tokens charged up front."""
 
     model: str
-    reservation: Reservation
+    reservation: Reservation | None  # None when governance is switched off
     rate: RateHeaders
     charged_tokens: int
     prompt_tokens: int
@@ -78,7 +78,12 @@ class Governance:
         costs: CostModel,
         budgets: BudgetService,
         limiter: RateLimiter,
+        *,
+        enabled: bool = True,
     ) -> None:
+        """`enabled=False` skips admission and recording; only the gateway benchmark uses it,
+        to measure what governance costs against the same app without it."""
+        self.enabled = enabled
         self._settings = settings
         self._store = store
         self.audit = audit
@@ -92,7 +97,11 @@ class Governance:
 
         Raises `RateLimited` or `QuotaExceeded` (429) before any compute is spent.
         """
+        ctx.principal = principal
         tokens = prompt_tokens + max_tokens
+        if not self.enabled:
+            ctx.admission = Admission(model, None, RateHeaders(), tokens, prompt_tokens)
+            return ctx.admission
         rate = self.limiter.check(principal.key_id, principal.rpm, principal.tpm, tokens)
         worst = self.costs.worst_case(model, prompt_tokens, max_tokens)
         try:
@@ -110,6 +119,9 @@ class Governance:
         Raises `AuditUnavailable` when the records cannot be committed; the reservation is then
         released so the ledger keeps matching the usage table.
         """
+        if not self.enabled:
+            ctx.completed = True
+            return
         job, settle = self._prepare(ctx, status)
         try:
             await self._store.write(job)
@@ -122,6 +134,9 @@ class Governance:
 
     def complete_nowait(self, ctx: RequestContext, status: int) -> None:
         """For a request whose client is gone: queue the same write without waiting on it."""
+        if not self.enabled:
+            ctx.completed = True
+            return
         try:
             job, settle = self._prepare(ctx, status)
         except Exception:
@@ -169,7 +184,7 @@ class Governance:
 
     def _release(self, ctx: RequestContext) -> None:
         admission = ctx.admission
-        if admission is None:
+        if admission is None or admission.reservation is None:
             return
         self.budgets.release(admission.reservation)  # no-op once settled
         used = ctx.finished.prompt_tokens + ctx.finished.completion_tokens if ctx.finished else 0
@@ -177,7 +192,7 @@ class Governance:
 
     def _usage(self, ctx: RequestContext, status: int, now: float) -> tuple[UsageRecord, Any] | None:
         admission, p = ctx.admission, ctx.principal
-        if admission is None or p is None:
+        if admission is None or admission.reservation is None or p is None:
             return None
         model = admission.model
         f = ctx.finished

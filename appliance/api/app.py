@@ -18,7 +18,7 @@ from appliance.api import admin_routes, governance_routes, health_routes, openai
 from appliance.api.audit_middleware import AuditMiddleware
 from appliance.api.context import assign_request_id
 from appliance.api.errors import EXCEPTION_HANDLERS
-from appliance.api.security import ANY_ROLE, KeyAuthMiddleware, role_guard
+from appliance.api.security import ANY_ROLE, KeyAuthMiddleware, UngovernedMiddleware, role_guard
 from appliance.api.services import Services
 from appliance.audit import AuditLog
 from appliance.auth import KeyService, load_or_create_server_secret
@@ -35,7 +35,7 @@ from runtime.gpu import read_power_watts
 log = logging.getLogger(__name__)
 
 
-def build_services(settings: Settings, pool: EnginePool | None = None) -> Services:
+def build_services(settings: Settings, pool: EnginePool | None = None, *, governed: bool = True) -> Services:
     """Open the store and build every service except the engines (loaded in the lifespan)."""
     paths = settings.paths
     paths.ensure()
@@ -55,17 +55,21 @@ def build_services(settings: Settings, pool: EnginePool | None = None) -> Servic
         teams=TeamService(store),
         budgets=budgets,
         audit=audit,
-        governance=Governance(settings, store, audit, costs, budgets, RateLimiter()),
+        governance=Governance(settings, store, audit, costs, budgets, RateLimiter(), enabled=governed),
     )
 
 
-def create_app(settings: Settings, *, pool: EnginePool | None = None) -> Litestar:
+def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: bool = True) -> Litestar:
     """The appliance's HTTP app. With `pool` given, its engines are served instead of
-    loading the registered models (benchmarks and fault-injection tests use this)."""
+    loading the registered models (benchmarks and fault-injection tests use this).
+
+    `governed=False` builds the same app with authentication, metering and audit switched
+    off. It exists only so `bench/gateway.py` can measure what they cost; the CLI never
+    builds it."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        services = build_services(settings, pool)
+        services = build_services(settings, pool, governed=governed)
         if pool is None:
             loaded = await load_local_engines(settings, services.models)
             for engine in loaded.engines():
@@ -96,7 +100,7 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None) -> Litesta
         route_handlers=[*health_routes.ROUTES, *openai_routes.ROUTES, *admin_routes.ROUTES, *governance_routes.ROUTES],
         lifespan=[lifespan],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
-        middleware=[AuditMiddleware, KeyAuthMiddleware],
+        middleware=[AuditMiddleware, KeyAuthMiddleware] if governed else [AuditMiddleware, UngovernedMiddleware],
         guards=[role_guard],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         before_send=[_add_request_id],

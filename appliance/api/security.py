@@ -8,6 +8,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from appliance.auth import Principal, Role
 from appliance.errors import PermissionDenied
@@ -43,3 +44,16 @@ def role_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRout
         raise PermissionDenied("This endpoint declares no roles and is closed.")
     if principal.role not in allowed:
         raise PermissionDenied(f"The '{principal.role}' role may not use this endpoint.")
+
+
+class UngovernedMiddleware:
+    """Every request acts as one admin principal, with no key. Benchmark builds only."""
+
+    _PRINCIPAL = Principal(key_id="ungoverned", name="ungoverned", role=Role.ADMIN)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["user"] = self._PRINCIPAL
+        await self.app(scope, receive, send)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli_support import data_dir_option, emit, handled, json_option, opened
+from appliance.cli_support import audit_admin, data_dir_option, emit, handled, json_option, opened
 from appliance.config import RETENTION_POLICIES
 from appliance.metering.budgets import PERIODS, UNITS, BudgetService
 from appliance.metering.usage import ROLLUP_BY, rollup
@@ -32,8 +32,9 @@ def teams() -> None:
 @handled
 def teams_create(name: str, retention: str | None, data_dir: Path | None, as_json: bool) -> None:
     """Create a team; its id is the slug of NAME."""
-    with opened(data_dir) as (_, store):
+    with opened(data_dir) as (settings, store):
         team = TeamService(store).create(name, retention)
+        audit_admin(settings, store, "teams.create", team.id, after=team.to_dict())
     if as_json:
         emit(team.to_dict())
     else:
@@ -46,7 +47,7 @@ def teams_create(name: str, retention: str | None, data_dir: Path | None, as_jso
 @handled
 def teams_list(data_dir: Path | None, as_json: bool) -> None:
     """List teams with their key counts."""
-    with opened(data_dir) as (_, store):
+    with opened(data_dir) as (settings, store):
         found = TeamService(store).list()
     if as_json:
         emit([t.to_dict() for t in found])
@@ -62,8 +63,9 @@ def teams_list(data_dir: Path | None, as_json: bool) -> None:
 @handled
 def teams_delete(team: str, data_dir: Path | None, as_json: bool) -> None:
     """Delete an empty team (by id or name) and its budgets."""
-    with opened(data_dir) as (_, store):
+    with opened(data_dir) as (settings, store):
         removed = TeamService(store).delete(team)
+        audit_admin(settings, store, "teams.delete", removed.id, before=removed.to_dict())
     if as_json:
         emit(removed.to_dict())
     else:
@@ -95,6 +97,7 @@ def budgets_set(key_id: str | None, team: str | None, amount: float, unit: str, 
     with opened(data_dir) as (settings, store):
         service = BudgetService(store, currency=settings.costs.currency)
         budget = service.set_budget(scope, scope_id, amount=amount, unit=unit, period=period)
+        audit_admin(settings, store, "budgets.set", str(budget.id), after=budget.to_dict())
         text = budget.describe(settings.costs.currency)
     if as_json:
         emit(budget.to_dict())
@@ -139,6 +142,7 @@ def budgets_delete(budget_id: int, data_dir: Path | None, as_json: bool) -> None
     """Delete a budget by id."""
     with opened(data_dir) as (settings, store):
         removed = BudgetService(store, currency=settings.costs.currency).delete_budget(budget_id)
+        audit_admin(settings, store, "budgets.delete", str(removed.id), before=removed.to_dict())
         text = removed.describe(settings.costs.currency)
     if as_json:
         emit(removed.to_dict())
