@@ -82,9 +82,10 @@ def test_stop_and_max_completion_tokens(client: openai.OpenAI) -> None:
 def test_json_object_output_parses(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL_NAME,
-        messages=[{"role": "user", "content": "Give a JSON object describing a cat."}],
+        messages=[{"role": "user", "content": "Reply with a JSON object with keys name and age for a dog."}],
         response_format={"type": "json_object"}, max_tokens=200, temperature=0,
     )
+    assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
 
 

@@ -4,14 +4,13 @@ in flight allowed to finish."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import MODEL_NAME, free_port, init_data_dir, start_server, stop_server
+from tests.conftest import MODEL_NAME, free_port, init_data_dir, run_cli, start_server, stop_server
 
 
 def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path, model_path: Path) -> None:
@@ -65,9 +64,6 @@ def test_port_flag_and_unbindable_port(tmp_path: Path, model_path: Path) -> None
 
 
 def test_no_model_means_not_ready_but_alive(tmp_path: Path) -> None:
-    subprocess.run(["true"])
-    from tests.conftest import run_cli
-
     run_cli("init", data_dir=tmp_path)
     proc, url, log_path = start_server(tmp_path, wait=False)
     try:
@@ -80,5 +76,31 @@ def test_no_model_means_not_ready_but_alive(tmp_path: Path) -> None:
                 time.sleep(0.1)
         ready = httpx.get(url + "/readyz")
         assert ready.status_code == 503 and ready.headers["retry-after"]
+    finally:
+        stop_server(proc)
+
+
+def test_model_file_changed_on_disk_is_refused_but_the_server_runs(tmp_path: Path, model_path: Path) -> None:
+    admin_key = init_data_dir(tmp_path, model_path)
+    stored = tmp_path / "models" / f"{MODEL_NAME}.gguf"
+    stored.unlink()  # break the hard link first: never touch the shared model file
+    data = bytearray(model_path.read_bytes())
+    data[-100:] = b"\xff" * 100  # same size, same header, different weights
+    stored.write_bytes(bytes(data))
+    proc, url, log_path = start_server(tmp_path, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert httpx.get(url + "/readyz").status_code == 503
+        status = httpx.get(url + "/admin/models", headers={"Authorization": f"Bearer {admin_key}"}).json()["data"]
+        assert status[0]["loaded"] is False and "sha256 mismatch" in status[0]["error"]
+        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {admin_key}"},
+                       json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     finally:
         stop_server(proc)

@@ -1,0 +1,204 @@
+"""Throughput benchmark (issue 4). In one run, with the same model and thread count:
+
+  (a) raw `llama_cpp.Llama.create_chat_completion` in process, single stream;
+  (b) the appliance over HTTP, streaming, at each concurrency level;
+  (c) llama-cpp-python's own server (`python -m llama_cpp.server`, from .bench-venv; run
+      bench/setup_peer.sh first) with `--interrupt_requests False`, at the same levels;
+
+plus the shared-system-prompt workload (16 requests with one ~600-token system prompt at
+concurrency 8) on (b) and (c). For each: aggregate completion tokens/s, time to first token
+p50/p95, latency p95, errors and the server's peak RSS. Prints JSON.
+
+    .venv/bin/python bench/throughput.py [--levels 1,4,8,16] [--requests 16] [--max-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from _common import DEFAULT_MODEL, MODEL_NAME, REPO, start_appliance, stream_chat, summary
+
+TOPICS = ["dragons", "the sea", "a lighthouse", "winter", "a robot", "bread", "a library", "the moon",
+          "a garden", "trains", "a violin", "mountains", "a cat", "rain", "a market", "stars"]
+SYSTEM = (
+    "You are the help desk assistant of Example Ltd. Follow the policy below.\n"
+    + "\n".join(f"Rule {i}: answer politely, cite the handbook section {i}, never share passwords, "
+                f"escalate payroll questions to HR and security incidents to IT on extension {100 + i}." for i in range(1, 21))
+)
+
+
+def chat_body(i: int, max_tokens: int, *, system: bool = False, model: str = MODEL_NAME) -> dict:
+    messages = [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}]
+    if system:
+        messages.insert(0, {"role": "system", "content": SYSTEM})
+    return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+
+
+class PeakRss:
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def load(url: str, key: str, bodies: list[dict], concurrency: int) -> dict:
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    results = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            results.append(await stream_chat(client, url, key, body))
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if not r.error]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "empty_responses": sum(1 for r in ok if r.tokens == 0),
+        "completion_tokens": sum(r.tokens for r in ok),
+        "aggregate_tokens_per_s": sum(r.tokens for r in ok) / wall,
+        "ttft_s": summary([r.ttft for r in ok if r.ttft is not None]),
+        "latency_p95_s": summary([r.latency for r in ok])["p95"],
+        "wall_s": wall,
+    }
+
+
+def run_levels(url: str, key: str, pid: int, levels: list[int], requests: int, max_tokens: int, model: str) -> dict:
+    out: dict = {}
+    asyncio.run(load(url, key, [chat_body(0, 8, model=model)], 1))  # warm-up
+    for level in levels:
+        n = max(requests, level)
+        with PeakRss(pid) as rss:
+            result = asyncio.run(load(url, key, [chat_body(i, max_tokens, model=model) for i in range(n)], level))
+        result["peak_rss_mb"] = rss.peak / 2**20
+        out[str(level)] = result
+    with PeakRss(pid) as rss:
+        shared = asyncio.run(load(url, key, [chat_body(i, max_tokens, system=True, model=model) for i in range(16)], 8))
+    shared["peak_rss_mb"] = rss.peak / 2**20
+    out["shared_system_prompt_c8"] = shared
+    return out
+
+
+def raw_single_stream(model: Path, threads: int, max_tokens: int, runs: int = 3) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    rates = []
+    for i in range(runs + 1):
+        t0 = time.perf_counter()
+        n = 0
+        for chunk in llm.create_chat_completion(chat_body(i, max_tokens)["messages"], max_tokens=max_tokens, temperature=0, stream=True):
+            n += bool(chunk["choices"][0]["delta"].get("content"))
+        if i:
+            rates.append(n / (time.perf_counter() - t0))
+    return {"tokens_per_s": statistics.fmean(rates), "runs": runs}
+
+
+def start_peer(model: Path, threads: int, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    python = REPO / ".bench-venv" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit("run bench/setup_peer.sh first (installs llama-cpp-python[server] into .bench-venv)")
+    proc = subprocess.Popen(
+        [str(python), "-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(threads), "--n_ctx", "4096",
+         "--port", str(port), "--interrupt_requests", "False", "--model_alias", MODEL_NAME],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("llama_cpp.server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--levels", default="1,4,8,16")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--skip-peer", action="store_true")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+
+    report: dict = {"model": args.model.name, "threads": args.threads, "max_tokens": args.max_tokens}
+    report["raw_llama_single_stream"] = raw_single_stream(args.model, args.threads, args.max_tokens)
+
+    config = f"[runtime]\nn_threads = {args.threads}\nslots = {args.slots}\nctx_per_slot = 2048\n"
+    app = start_appliance(args.model, port=18300, config=config)
+    try:
+        report["appliance_idle_rss_mb"] = app.rss_mb()
+        report["appliance"] = run_levels(app.url + "/v1/chat/completions", app.key, app.process.pid, levels,
+                                         args.requests, args.max_tokens, MODEL_NAME)
+    finally:
+        app.stop()
+
+    if not args.skip_peer:
+        proc, url = start_peer(args.model, args.threads, 18301)
+        try:
+            report["llama_cpp_server"] = run_levels(url + "/v1/chat/completions", "none", proc.pid, levels,
+                                                    args.requests, args.max_tokens, MODEL_NAME)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    raw = report["raw_llama_single_stream"]["tokens_per_s"]
+    app_levels = report["appliance"]
+    checks = {
+        "c1_vs_raw": app_levels["1"]["aggregate_tokens_per_s"] / raw if "1" in app_levels else None,
+        "c8_ttft_p95_s": app_levels.get("8", {}).get("ttft_s", {}).get("p95"),
+        "c8_errors": app_levels.get("8", {}).get("errors"),
+        "idle_rss_mb": report["appliance_idle_rss_mb"],
+    }
+    if "llama_cpp_server" in report and "8" in app_levels:
+        peer = report["llama_cpp_server"]
+        checks["c8_vs_peer"] = app_levels["8"]["aggregate_tokens_per_s"] / max(peer["8"]["aggregate_tokens_per_s"], 1e-9)
+        checks["shared_prompt_vs_peer"] = (
+            app_levels["shared_system_prompt_c8"]["aggregate_tokens_per_s"]
+            / max(peer["shared_system_prompt_c8"]["aggregate_tokens_per_s"], 1e-9)
+        )
+    report["targets"] = checks
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

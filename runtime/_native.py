@@ -1,0 +1,186 @@
+"""The thin layer over llama.cpp's C API: one-time backend set-up, log routing, and a loaded model."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+
+import llama_cpp
+
+from .errors import InvalidGenerationRequest, ModelFileError, ModelLoadError
+
+log = logging.getLogger("runtime.llama_cpp")
+
+_setup_lock = threading.Lock()
+_set_up = False
+
+
+@llama_cpp.llama_log_callback
+def _log_to_python(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if log.isEnabledFor(logging.DEBUG) and text:
+        log.debug("%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+
+def ensure_backend() -> None:
+    """Initialise llama.cpp once per process and route its log into `logging` at debug level."""
+    global _set_up
+    with _setup_lock:
+        if _set_up:
+            return
+        llama_cpp.llama_log_set(_log_to_python, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _set_up = True
+
+
+def _penalties_fn():
+    """`llama_sampler_init_penalties` with the C signature of the vendored llama.h.
+
+    llama-cpp-python 0.3.x declares a fifth leading `n_vocab` argument that the C function no
+    longer takes; we bind our own function pointer instead of relying on register luck.
+    """
+    fn = llama_cpp.llama_cpp._lib["llama_sampler_init_penalties"]
+    fn.argtypes = [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ctypes.c_float]
+    fn.restype = llama_cpp.llama_sampler_p_ctypes
+    return fn
+
+
+sampler_init_penalties = _penalties_fn()
+
+
+class Model:
+    """A loaded GGUF model and its vocabulary. Safe to share between threads (read-only)."""
+
+    def __init__(self, path: str, *, n_gpu_layers: int = 0) -> None:
+        ensure_backend()
+        if not os.path.isfile(path):
+            raise ModelFileError(f"model file not found: {path}")
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelFileError(f"not a GGUF file: {path}")
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not self.ptr:
+            raise ModelLoadError(f"llama.cpp could not load {path}")
+        self.path = path
+        self.n_gpu_layers = n_gpu_layers
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self.eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        self._pieces: dict[int, bytes] = {}
+        template = llama_cpp.llama_model_chat_template(self.ptr, None)
+        self.chat_template = template.decode("utf-8", "replace") if template else None
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8", "replace")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # cannot happen with len+8 slots, but the API allows it
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise InvalidGenerationRequest("text could not be tokenised")
+        return buf[:n]
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token renders to (control tokens render as nothing). Cached per token."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._render(token, special=False)
+            self._pieces[token] = cached
+        return cached
+
+    def special_text(self, token: int) -> str:
+        if token < 0 or token >= self.n_vocab:
+            return ""
+        return self._render(token, special=True).decode("utf-8", "replace")
+
+    def _render(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)]
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def free(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+_GGML_TYPE_BF16 = 30  # not exported by llama_cpp 0.3.x
+
+
+def _kv_types(*, gpu: bool) -> tuple[int, int]:
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    native_bf16 = "AVX512_BF16 = 1" in info or "AMX_BF16 = 1" in info
+    if native_bf16 and not gpu:
+        return _GGML_TYPE_BF16, llama_cpp.GGML_TYPE_F16
+    return llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
+
+
+def new_context(
+    model: Model,
+    *,
+    n_ctx: int,
+    n_batch: int,
+    n_seq_max: int,
+    n_threads: int,
+    embeddings: bool = False,
+) -> ctypes.c_void_p:
+    """Create a llama context.
+
+    Generation contexts get `n_seq_max` KV streams of `n_ctx / n_seq_max` cells each; an
+    embedding context (which packs several short inputs into one batch) shares one buffer.
+    """
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    params.n_seq_max = n_seq_max
+    params.n_threads = n_threads
+    params.n_threads_batch = n_threads
+    params.no_perf = True
+    params.swa_full = True  # keep whole-history SWA caches, so prefix reuse works for SWA models too
+    # Generation: one KV stream per sequence, not one unified buffer. A sequence's cells then sit in
+    # position order, which the attention kernel's reduction order depends on; in a unified
+    # buffer a prefix shared by seq_cp and a tail written into freed holes land out of order and
+    # change the logits. Cross-stream seq_cp only copies whole streams, so prefix reuse copies
+    # the donor's stream and trims it (see _batch_loop.BatchLoop._start_prefill).
+    params.kv_unified = embeddings
+    # Batch invariance, part two: with K and V of the same 16-bit type, ggml's CPU flash
+    # attention switches kernels by batch shape (tiled for >= 64 query rows, split-KV for a lone
+    # row over >= 512 cells), and those kernels round differently, so a greedy answer could
+    # change with the company it is batched in. K and V of different types keep every row on
+    # the one kernel that reduces each sequence's cells in order: the same logits alone or
+    # batched. BF16 K + F16 V is the faster pair where the CPU has native BF16 dot products;
+    # elsewhere (and on GPUs) F16 K + Q8_0 V. Both stay as close to an F16 cache as each other.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.type_k, params.type_v = _kv_types(gpu=model.n_gpu_layers != 0)
+    if embeddings:
+        params.embeddings = True
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+    ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+    if not ctx:  # an architecture without flash attention: plain F16 cache, batch invariance not guaranteed
+        log.warning("flash attention with a mixed-type KV cache refused for %s; using an F16 cache", model.path)
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        params.type_k = params.type_v = llama_cpp.GGML_TYPE_F16
+        ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+    if not ctx:
+        raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens")
+    return ctx

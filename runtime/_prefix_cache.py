@@ -1,0 +1,59 @@
+"""Bookkeeping of which tokens each KV sequence (slot) holds, to reuse shared prompt prefixes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """One llama.cpp sequence id. `tokens[i]` is the token whose KV sits at position i."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    busy: bool = False
+    last_used: int = 0
+
+
+class SlotTable:
+    """Chooses slots and prefix donors. Owned by the decode thread; readers take snapshots."""
+
+    def __init__(self, n_slots: int) -> None:
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self._clock = 0
+
+    def free_count(self) -> int:
+        return sum(1 for s in self.slots if not s.busy)
+
+    def acquire(self, prompt: list[int]) -> Slot:
+        """Take the free slot whose cached tokens share most with `prompt` (else the emptiest, least recent)."""
+        free = [s for s in self.slots if not s.busy]
+        slot = max(free, key=lambda s: (common_prefix_len(s.tokens, prompt), -len(s.tokens), -s.last_used))
+        slot.busy = True
+        self._clock += 1
+        slot.last_used = self._clock
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        slot.busy = False
+
+    def best_donor(self, prompt: list[int]) -> tuple[Slot | None, int]:
+        """The slot (busy or not) holding the longest prefix of `prompt`, and that length."""
+        best, best_n = None, 0
+        for s in self.slots:
+            n = common_prefix_len(s.tokens, prompt)
+            if n > best_n:
+                best, best_n = s, n
+        return best, best_n
+
+    def cells_used(self) -> int:
+        """KV cells in use: every slot keeps its own stream, so shared prefixes are counted per slot."""
+        return sum(len(s.tokens) for s in self.slots)

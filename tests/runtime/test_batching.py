@@ -1,0 +1,183 @@
+"""Continuous batching on the real model: batch invariance, cancellation, admission control, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from runtime import (
+    EngineOverloaded,
+    EngineUnavailable,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from runtime.llama_engine import LlamaEngine
+
+GREEDY = SamplingParams(temperature=0)
+# Forces a long answer: the grammar cannot end before 300 letter-digit pairs.
+LONG_GRAMMAR = "root ::= ([a-z] [0-9]){300}"
+
+
+def request(text: str, max_tokens: int = 24, **kwargs) -> GenerationRequest:
+    return GenerationRequest(max_tokens=max_tokens, messages=[{"role": "user", "content": text}], **kwargs)
+
+
+async def text_of(engine: LlamaEngine, req: GenerationRequest) -> tuple[str, Finished]:
+    text, finished = "", None
+    async for event in engine.generate(req):
+        if isinstance(event, TokenEvent):
+            text += event.text
+        else:
+            finished = event
+    assert finished is not None
+    return text, finished
+
+
+async def wait_idle(engine: LlamaEngine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.stats().active_sequences or engine.stats().queue_depth:
+        assert time.monotonic() < deadline, "engine did not go idle"
+        await asyncio.sleep(0.01)
+
+
+def test_eight_concurrent_greedy_requests_match_each_run_alone(engine: LlamaEngine) -> None:
+    topics = ["volcanoes", "the moon", "bread", "chess", "rivers", "owls", "copper", "jazz"]
+    reqs = [request(f"Tell me one fact about {t}.", max_tokens=32, sampling=GREEDY) for t in topics]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        alone = [(await text_of(engine, r))[0] for r in reqs]
+        await engine.clear_prefix_cache()
+        together = await asyncio.gather(*(text_of(engine, r) for r in reqs))
+        return alone, [t for t, _ in together]
+
+    alone, together = asyncio.run(scenario())
+    assert all(alone)
+    assert together == alone
+
+
+def test_same_seed_is_reproducible_under_batching(engine: LlamaEngine) -> None:
+    sampled = request("Write a haiku about rain.", max_tokens=24, sampling=SamplingParams(temperature=1.0, seed=7))
+    others = [request(f"Count to {n}.", max_tokens=24, sampling=GREEDY) for n in range(3, 8)]
+
+    async def scenario() -> tuple[str, str]:
+        alone, _ = await text_of(engine, sampled)
+        results = await asyncio.gather(text_of(engine, sampled), *(text_of(engine, r) for r in others))
+        return alone, results[0][0]
+
+    alone, batched = asyncio.run(scenario())
+    assert alone == batched
+
+
+def test_closing_streams_cancels_and_frees_kv(engine: LlamaEngine) -> None:
+    async def scenario() -> tuple[list[int], Finished]:
+        await wait_idle(engine)
+        streams = [
+            engine.generate(request(f"Write a long poem about the number {i}.", max_tokens=200, sampling=GREEDY))
+            for i in range(8)
+        ]
+        for stream in streams:  # every stream running, a few tokens in
+            for _ in range(3):
+                assert isinstance(await anext(stream), TokenEvent)
+        assert engine.stats().active_sequences == 8
+        for stream in streams:
+            await stream.aclose()
+        await wait_idle(engine)
+        positions = await engine.kv_pos_max()
+        _, after = await text_of(engine, request("Say hello.", max_tokens=8, sampling=GREEDY))
+        return positions, after
+
+    positions, after = asyncio.run(scenario())
+    assert positions == [-1] * 8  # llama.cpp itself holds no cell for any of the eight sequences
+    assert after.completion_tokens >= 1
+
+
+def test_cancelling_the_consumer_task_mid_prefill_frees_the_slot(engine: LlamaEngine) -> None:
+    async def consume() -> None:
+        async for _ in engine.generate(request("tell me about it " * 150, max_tokens=16, sampling=GREEDY)):
+            pass
+
+    async def scenario() -> tuple[int, int]:
+        await wait_idle(engine)
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(engine)
+        _, finished = await text_of(engine, request("Say hi.", max_tokens=4, sampling=GREEDY))
+        return engine.stats().active_sequences, finished.completion_tokens
+
+    active, completion = asyncio.run(scenario())
+    assert active == 0 and completion >= 1
+
+
+@pytest.fixture(scope="module")
+def tiny(model_path: str) -> Iterator[LlamaEngine]:
+    """One slot, one queue place, a short queue timeout."""
+    eng = LlamaEngine(model_path, name="tiny", slots=1, n_ctx_per_slot=1024, queue_limit=1, queue_timeout_s=0.5)
+    yield eng
+    asyncio.run(eng.close())
+
+
+def test_full_queue_and_queue_timeout_raise_overloaded(tiny: LlamaEngine) -> None:
+    long_req = request(
+        "Write letters and digits.", max_tokens=600, sampling=SamplingParams(temperature=0, grammar=LONG_GRAMMAR)
+    )
+
+    async def scenario() -> tuple[EngineOverloaded, EngineOverloaded, float, Finished]:
+        running = tiny.generate(long_req)
+        assert isinstance(await anext(running), TokenEvent)  # occupies the only slot
+        queued = asyncio.create_task(text_of(tiny, request("Hi", max_tokens=4)))
+        while tiny.stats().queue_depth == 0:
+            await asyncio.sleep(0.005)
+        with pytest.raises(EngineOverloaded) as full:
+            await anext(tiny.generate(request("Hello", max_tokens=4)))
+        started = time.monotonic()
+        with pytest.raises(EngineOverloaded) as timed_out:
+            await queued
+        waited = time.monotonic() - started
+        await running.aclose()
+        await wait_idle(tiny)
+        _, finished = await text_of(tiny, request("Hello", max_tokens=4, sampling=GREEDY))
+        return full.value, timed_out.value, waited, finished
+
+    full, timed_out, waited, finished = asyncio.run(scenario())
+    assert full.retry_after >= 1 and "full" in str(full)
+    assert "waited" in str(timed_out)
+    assert waited < 5
+    assert finished.completion_tokens >= 1
+    assert tiny.stats().queue_depth == 0
+
+
+def test_close_cancels_running_and_waiting_requests(model_path: str) -> None:
+    eng = LlamaEngine(model_path, name="closing", slots=1, n_ctx_per_slot=1024, queue_limit=4)
+    long_req = request(
+        "Write letters and digits.", max_tokens=600, sampling=SamplingParams(temperature=0, grammar=LONG_GRAMMAR)
+    )
+
+    async def scenario() -> tuple[list[object], BaseException | None]:
+        running = eng.generate(long_req)
+        assert isinstance(await anext(running), TokenEvent)
+        waiting = asyncio.create_task(text_of(eng, request("Hi", max_tokens=4)))
+        while eng.stats().queue_depth == 0:
+            await asyncio.sleep(0.005)
+        await eng.close()
+        rest = [event async for event in running]
+        try:
+            await waiting
+            error = None
+        except EngineUnavailable as exc:
+            error = exc
+        return rest, error
+
+    rest, error = asyncio.run(scenario())
+    assert isinstance(rest[-1], Finished) and rest[-1].reason == "cancelled"
+    assert isinstance(error, EngineUnavailable)
+    assert not eng.health().ok
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(text_of(eng, request("Hi", max_tokens=4)))

@@ -1,0 +1,296 @@
+"""LlamaEngine on the real default model: streams, stops, grammars, chat, limits, prefix cache, embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import uuid
+
+import pytest
+
+from runtime import (
+    ContextOverflow,
+    Engine,
+    EngineUnavailable,
+    Finished,
+    GenerationRequest,
+    InvalidGenerationRequest,
+    ModelFileError,
+    ModelLoadError,
+    SamplingParams,
+    TokenEvent,
+)
+from runtime._chat_template import ChatTemplate
+from runtime._text import TextAssembler
+from runtime.llama_engine import JSON_OBJECT_GRAMMAR, LlamaEngine, json_schema_to_grammar
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def chat(text: str, *, system: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": text}]
+
+
+async def collect(engine: LlamaEngine, request: GenerationRequest) -> tuple[list[str], Finished]:
+    pieces: list[str] = []
+    finished: list[Finished] = []
+    async for event in engine.generate(request):
+        assert not finished, "no event may follow Finished"
+        if isinstance(event, TokenEvent):
+            pieces.append(event.text)
+        else:
+            finished.append(event)
+    assert len(finished) == 1
+    return pieces, finished[0]
+
+
+def run(engine: LlamaEngine, request: GenerationRequest) -> tuple[str, Finished]:
+    pieces, finished = asyncio.run(collect(engine, request))
+    return "".join(pieces), finished
+
+
+def test_implements_the_engine_protocol(engine: LlamaEngine) -> None:
+    assert isinstance(engine, Engine)
+    assert engine.context_length == 1024
+    assert engine.health().ok
+
+
+def test_greedy_chat_streams_text_and_one_finished(engine: LlamaEngine) -> None:
+    messages = chat("What is the capital of France?")
+    request = GenerationRequest(max_tokens=24, messages=messages, sampling=GREEDY)
+    pieces, finished = asyncio.run(collect(engine, request))
+    text = "".join(pieces)
+    assert text.strip()
+    assert finished.reason in ("stop", "length")
+    assert finished.prompt_tokens == engine.count_chat_tokens(messages) > 10
+    assert 1 <= finished.completion_tokens <= 24
+    assert finished.completion_tokens <= len(pieces) <= finished.completion_tokens + 1
+    assert finished.compute_seconds > 0
+    assert finished.energy_joules == pytest.approx(finished.compute_seconds * 10.0)
+    assert finished.queue_seconds >= 0
+
+
+def test_max_tokens_ends_with_length(engine: LlamaEngine) -> None:
+    request = GenerationRequest(max_tokens=5, messages=chat("Write a long essay about the ocean."), sampling=GREEDY)
+    _, finished = run(engine, request)
+    assert (finished.reason, finished.completion_tokens) == ("length", 5)
+
+
+def test_plain_prompt_and_empty_prompt(engine: LlamaEngine) -> None:
+    text, finished = run(engine, GenerationRequest(max_tokens=8, prompt="The sky is", sampling=GREEDY))
+    assert text and finished.prompt_tokens == len(engine.tokenize("The sky is"))
+    _, finished = run(engine, GenerationRequest(max_tokens=4, prompt="", sampling=GREEDY))
+    assert finished.prompt_tokens == 1 and finished.reason in ("stop", "length")
+
+
+def test_stop_string_across_token_boundary_is_cut_and_never_emitted(engine: LlamaEngine) -> None:
+    request = GenerationRequest(max_tokens=32, messages=chat("Describe a cat in two sentences."), sampling=GREEDY)
+    pieces, _ = asyncio.run(collect(engine, request))
+    # A stop string made of the end of one token and the start of the next.
+    k = next(i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    full = "".join(pieces)
+    stopped = GenerationRequest(max_tokens=32, messages=request.messages, sampling=GREEDY, stop=("never-there", stop))
+    text, finished = run(engine, stopped)
+    assert finished.reason == "stop"
+    assert text == full[: full.index(stop)]
+    assert stop not in text
+
+
+def test_text_assembler_buffers_split_utf8_and_partial_stops() -> None:
+    out = TextAssembler(stops=("END",))
+    euro = "€".encode()
+    assert out.push(euro[:1]) == ("", False)
+    assert out.push(euro[1:] + b"E") == ("€", False)  # "E" may start the stop: held back
+    assert out.push(b"N") == ("", False)
+    assert out.push(b"D tail") == ("", True)
+    free = TextAssembler(stops=("END",))
+    assert free.push(b"EN") == ("", False)
+    assert free.push(b"X") == ("ENX", False)
+    assert free.push(b"E") == ("", False)
+    assert free.flush() == "E"
+
+
+def test_json_object_grammar_output_parses(engine: LlamaEngine) -> None:
+    sampling = SamplingParams(temperature=0, grammar=JSON_OBJECT_GRAMMAR)
+    messages = chat("Reply with a JSON object with keys name and age for a dog.")
+    text, finished = run(engine, GenerationRequest(max_tokens=128, messages=messages, sampling=sampling))
+    assert finished.reason == "stop", text
+    assert isinstance(json.loads(text), dict)
+
+
+def test_json_schema_grammar_output_matches_schema(engine: LlamaEngine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer"},
+            "pet": {"type": "boolean"},
+        },
+        "required": ["name", "age", "pet"],
+        "additionalProperties": False,
+    }
+    sampling = SamplingParams(temperature=0, grammar=json_schema_to_grammar(schema))
+    messages = chat("Invent a person. Reply in JSON with name, age and whether they have a pet.")
+    text, finished = run(engine, GenerationRequest(max_tokens=96, messages=messages, sampling=sampling))
+    assert finished.reason == "stop", text
+    data = json.loads(text)
+    assert set(data) == {"name", "age", "pet"}
+    assert isinstance(data["name"], str) and len(data["name"]) <= 24
+    assert isinstance(data["age"], int) and not isinstance(data["age"], bool)
+    assert isinstance(data["pet"], bool)
+
+
+@pytest.mark.parametrize("grammar", ["root ::= (", 'start ::= "a"', "root ::= undefined-rule"])
+def test_bad_grammar_is_rejected_before_the_first_event(engine: LlamaEngine, grammar: str) -> None:
+    request = GenerationRequest(max_tokens=4, prompt="x", sampling=SamplingParams(grammar=grammar))
+    with pytest.raises(InvalidGenerationRequest):
+        run(engine, request)
+
+
+def test_unsupported_json_schema_is_an_invalid_request() -> None:
+    with pytest.raises(InvalidGenerationRequest):
+        json_schema_to_grammar({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(temperature=-1),
+        SamplingParams(top_p=0),
+        SamplingParams(min_p=2),
+        SamplingParams(repeat_penalty=0),
+    ],
+)
+def test_bad_sampling_values_are_rejected(engine: LlamaEngine, sampling: SamplingParams) -> None:
+    with pytest.raises(InvalidGenerationRequest):
+        run(engine, GenerationRequest(max_tokens=4, prompt="x", sampling=sampling))
+
+
+def test_request_needs_exactly_one_of_prompt_and_messages(engine: LlamaEngine) -> None:
+    with pytest.raises(InvalidGenerationRequest):
+        run(engine, GenerationRequest(max_tokens=4))
+    with pytest.raises(InvalidGenerationRequest):
+        run(engine, GenerationRequest(max_tokens=4, prompt="a", messages=chat("b")))
+    with pytest.raises(InvalidGenerationRequest):
+        run(engine, GenerationRequest(max_tokens=0, prompt="a"))
+
+
+def test_same_seed_gives_the_same_text(engine: LlamaEngine) -> None:
+    sampling = SamplingParams(temperature=0.9, seed=1234)
+    request = GenerationRequest(max_tokens=24, messages=chat("Tell me a short story."), sampling=sampling)
+    first, _ = run(engine, request)
+    second, _ = run(engine, request)
+    assert first == second and first
+
+
+def test_repeat_penalty_runs(engine: LlamaEngine) -> None:
+    sampling = SamplingParams(temperature=0, repeat_penalty=1.3)
+    text, finished = run(engine, GenerationRequest(max_tokens=16, messages=chat("List fruits."), sampling=sampling))
+    assert text and finished.completion_tokens >= 1
+
+
+def test_context_overflow_is_raised_before_queueing(engine: LlamaEngine) -> None:
+    prompt = "word " * 1500
+    with pytest.raises(ContextOverflow) as info:
+        run(engine, GenerationRequest(max_tokens=16, prompt=prompt))
+    assert info.value.prompt_tokens > 1000 and info.value.limit == 1024
+    fits = len(engine.tokenize("hello there"))
+    with pytest.raises(ContextOverflow):
+        run(engine, GenerationRequest(max_tokens=1024 - fits + 1, prompt="hello there"))
+    assert engine.stats().queue_depth == 0
+
+
+def test_model_without_chat_template_refuses_chat() -> None:
+    with pytest.raises(InvalidGenerationRequest, match="no chat template"):
+        ChatTemplate(None, bos_token="", eos_token="").render(chat("hi"))
+
+
+def test_chat_template_renders_chatml(engine: LlamaEngine) -> None:
+    text = engine._template.render(chat("hi", system="Be brief."))
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    tokens = engine.tokenize(text, add_special=False)
+    assert engine.count_chat_tokens(chat("hi", system="Be brief.")) == len(tokens)
+
+
+def test_prefix_cache_reuses_a_long_system_prompt(engine: LlamaEngine) -> None:
+    nonce = uuid.uuid4().hex  # a system prompt no slot has seen
+    rules = " ".join(f"Rule {i}: answer questions about topic {i} politely and briefly." for i in range(40))
+    system = f"Session {nonce}. You are the help desk assistant. {rules}"
+    assert 450 <= engine.count_chat_tokens(chat("hi", system=system)) <= 700
+    first = GenerationRequest(
+        max_tokens=16, messages=chat("How do I reset my password?", system=system), sampling=GREEDY
+    )
+    second = GenerationRequest(max_tokens=16, messages=chat("Where is the printer?", system=system), sampling=GREEDY)
+    _, cold_first = run(engine, first)
+    assert cold_first.cached_tokens < 50
+    warm_text, warm = run(engine, second)
+    assert warm.cached_tokens > 400
+    asyncio.run(engine.clear_prefix_cache())
+    cold_text, cold = run(engine, second)
+    assert cold.cached_tokens < 50
+    assert warm_text == cold_text
+    assert engine.stats().extra["prompt_tokens_cached"] >= warm.cached_tokens
+
+
+def test_embeddings_are_normalised_and_meaningful(engine: LlamaEngine) -> None:
+    texts = [
+        "The cat sat on the mat.",
+        "A kitten was sitting on the rug.",
+        "Quarterly tax filing deadlines for companies.",
+    ]
+    result = asyncio.run(engine.embed(texts))
+    assert len(result.vectors) == 3
+    assert {len(v) for v in result.vectors} == {576}
+    for v in result.vectors:
+        assert math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-4)
+    cos = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert cos(result.vectors[0], result.vectors[1]) > cos(result.vectors[0], result.vectors[2])
+    assert result.prompt_tokens == sum(len(engine.tokenize(t)) for t in texts)
+
+
+def test_embeddings_take_inputs_up_to_the_context_window(engine: LlamaEngine) -> None:
+    long_text = "The appliance keeps an audit log of every request. " * 60  # ~600 tokens
+    texts = [long_text, "short", long_text[:200]]
+    result = asyncio.run(engine.embed(texts))
+    assert len(result.vectors) == 3 and result.prompt_tokens > 600
+    alone = asyncio.run(engine.embed([long_text])).vectors[0]
+    assert sum(a * b for a, b in zip(alone, result.vectors[0], strict=True)) > 0.999
+    with pytest.raises(ContextOverflow):
+        asyncio.run(engine.embed(["word " * 1100]))
+
+
+def test_embeddings_disabled_raise_unavailable(model_path: str) -> None:
+    eng = LlamaEngine(model_path, name="no-embed", slots=1, n_ctx_per_slot=256, embeddings=False)
+    try:
+        with pytest.raises(EngineUnavailable):
+            asyncio.run(eng.embed(["x"]))
+    finally:
+        asyncio.run(eng.close())
+
+
+def test_stats_count_work(engine: LlamaEngine) -> None:
+    before = engine.stats()
+    run(engine, GenerationRequest(max_tokens=4, prompt="One two three", sampling=GREEDY))
+    after = engine.stats()
+    assert after.requests_served == before.requests_served + 1
+    assert after.tokens_generated > before.tokens_generated
+    assert after.kv_cells_total >= 8 * 1024
+    assert 0 < after.kv_cells_used <= after.kv_cells_total
+    assert after.active_sequences == 0 and after.queue_depth == 0
+
+
+def test_unloadable_files_raise_typed_errors(tmp_path, model_path: str) -> None:
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello")
+    truncated = tmp_path / "truncated.gguf"
+    with open(model_path, "rb") as src:
+        truncated.write_bytes(src.read(1_000_000))
+    with pytest.raises(ModelFileError):
+        LlamaEngine(str(tmp_path / "missing.gguf"), name="x")
+    with pytest.raises(ModelFileError):
+        LlamaEngine(str(not_gguf), name="x")
+    with pytest.raises(ModelLoadError):
+        LlamaEngine(str(truncated), name="x")
