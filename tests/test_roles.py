@@ -84,6 +84,14 @@ def _admin_post(server: Server, path: str, body: dict[str, Any]) -> dict[str, An
     return r.json()
 
 
+def _budget_team(server: Server) -> str:
+    """Budgets made by this walk go on a team of their own, so they cannot starve other tests."""
+    r = httpx.get(server.url + "/admin/teams", headers={"Authorization": f"Bearer {server.admin_key}"})
+    if not any(t["id"] == "role-walk" for t in r.json()["data"]):
+        _admin_post(server, "/admin/teams", {"name": "role-walk"})
+    return "role-walk"
+
+
 def _request_for(server: Server, method: str, path: str) -> tuple[str, str, dict[str, Any] | None]:
     """A valid request for the route; resources to delete are created fresh each time."""
     chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -100,9 +108,9 @@ def _request_for(server: Server, method: str, path: str) -> tuple[str, str, dict
         ("DELETE", "/admin/teams/{team_id:str}"): lambda: (
             f"/admin/teams/{_admin_post(server, '/admin/teams', {'name': f'doomed-{uuid.uuid4().hex[:8]}'})['id']}", None
         ),
-        ("POST", "/admin/budgets"): lambda: (path, {"scope": "team", "scope_id": "default", "amount": 1000, "period": "total"}),
+        ("POST", "/admin/budgets"): lambda: (path, {"scope": "team", "scope_id": _budget_team(server), "amount": 1000, "period": "total"}),
         ("DELETE", "/admin/budgets/{budget_id:int}"): lambda: (
-            f"/admin/budgets/{_admin_post(server, '/admin/budgets', {'scope': 'team', 'scope_id': 'default', 'amount': 999, 'unit': 'tokens', 'period': 'day'})['id']}",
+            f"/admin/budgets/{_admin_post(server, '/admin/budgets', {'scope': 'team', 'scope_id': _budget_team(server), 'amount': 999, 'unit': 'tokens', 'period': 'day'})['id']}",
             None,
         ),
         ("GET", "/schema/{path:str}"): lambda: ("/schema/openapi.json", None),

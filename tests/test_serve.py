@@ -46,9 +46,10 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path, model_path: Path
     time.sleep(0.5)  # the request is being generated
     proc.send_signal(signal.SIGTERM)
     worker.join(timeout=120)
-    assert proc.wait(timeout=60) == 0
+    # uvicorn re-raises the signal once shut down, as a Unix process should
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     assert results["status"] == 200 and int(results["tokens"]) > 0  # type: ignore[arg-type]
-    assert "Shutting down" in log_path.read_text() or "shutdown" in log_path.read_text().lower()
+    assert "Application shutdown complete" in log_path.read_text()
 
 
 def test_port_flag_and_unbindable_port(tmp_path: Path, model_path: Path) -> None:
@@ -60,7 +61,7 @@ def test_port_flag_and_unbindable_port(tmp_path: Path, model_path: Path) -> None
         second, _, log2 = start_server(tmp_path, port=port, wait=False)
         assert second.wait(timeout=60) != 0
     finally:
-        assert stop_server(proc) == 0
+        assert stop_server(proc) in (0, -signal.SIGTERM)
 
 
 def test_no_model_means_not_ready_but_alive(tmp_path: Path) -> None:
