@@ -31,7 +31,7 @@ port = 8080
 [runtime]
 # n_threads = 2        # default: every core
 # slots = 8            # concurrent sequences per model
-# ctx_per_slot = 2048  # context window of each sequence
+# ctx_per_slot = 1024  # context window of each sequence (KV memory grows with slots x this)
 
 # [[models]]
 # name = "smollm2-135m-instruct"

@@ -32,7 +32,7 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     n_threads: Positive | None = None
     slots: Positive = 8
-    ctx_per_slot: Annotated[int, Meta(ge=128)] = 2048
+    ctx_per_slot: Annotated[int, Meta(ge=128)] = 1024  # 8 x 1024 keeps RSS under 400 MB for the default model
     n_batch: Positive = 512
     queue_limit: Positive = 64
     queue_timeout_seconds: PositiveFloat = 30.0

@@ -24,6 +24,8 @@ from runtime.engine import Finished
 
 log = logging.getLogger(__name__)
 
+CLIENT_CLOSED = 499  # the status recorded for a client that went away mid-response (nginx's code)
+
 
 @dataclass(slots=True)
 class Admission:
@@ -194,6 +196,8 @@ class Governance:
         admission, p = ctx.admission, ctx.principal
         if admission is None or admission.reservation is None or p is None:
             return None
+        if ctx.finished is None and ctx.streamed_tokens == 0 and status != CLIENT_CLOSED:
+            return None  # refused before any compute (overload, engine error): nothing to charge
         model = admission.model
         f = ctx.finished
         if f is not None:
@@ -242,9 +246,10 @@ class Governance:
                 "after": ctx.admin.after,
                 "client": ctx.client,
             }
-        outcome = "ok" if status < 400 else "error"
-        if ctx.finished is not None and ctx.finished.reason == "cancelled" or (status < 400 and not ctx.completed):
+        if status == CLIENT_CLOSED or (ctx.finished is not None and ctx.finished.reason == "cancelled"):
             outcome = "cancelled"
+        else:
+            outcome = "ok" if status < 400 else "error"
         record = usage[0] if usage else None
         body: dict[str, Any] = {
             "request_id": ctx.request_id,

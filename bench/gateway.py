@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from _common import percentile
 
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "one two three four five"}], "max_tokens": 8}

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import httpx
 import psutil
-
 from _common import DEFAULT_MODEL, MODEL_NAME, REPO, start_appliance, stream_chat, summary
 
 TOPICS = ["dragons", "the sea", "a lighthouse", "winter", "a robot", "bread", "a library", "the moon",
@@ -163,7 +162,7 @@ def main() -> None:
     report: dict = {"model": args.model.name, "threads": args.threads, "max_tokens": args.max_tokens}
     report["raw_llama_single_stream"] = raw_single_stream(args.model, args.threads, args.max_tokens)
 
-    config = f"[runtime]\nn_threads = {args.threads}\nslots = {args.slots}\nctx_per_slot = 2048\n"
+    config = f"[runtime]\nn_threads = {args.threads}\nslots = {args.slots}\n"  # default ctx_per_slot
     app = start_appliance(args.model, port=18300, config=config)
     try:
         report["appliance_idle_rss_mb"] = app.rss_mb()

@@ -525,7 +525,7 @@ def _parse(r: _Reader) -> GGUFHeader:
         tensors.append(GGUFTensorInfo(name, shape, ggml_type, start))
         spans.append((start, end, name))
     spans.sort()
-    for (a_start, a_end, a_name), (b_start, b_end, b_name) in zip(spans, spans[1:]):
+    for (a_start, a_end, a_name), (b_start, b_end, b_name) in zip(spans, spans[1:], strict=False):
         if b_start < a_end:
             raise ModelFileError(
                 f"tensors {a_name!r} [{a_start}, {a_end}) and {b_name!r} [{b_start}, {b_end}) overlap"

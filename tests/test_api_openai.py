@@ -130,7 +130,7 @@ def test_embeddings_string_and_list(client: openai.OpenAI) -> None:
     assert len(one.data) == 1 and len(many.data) == 3
     vecs = [d.embedding for d in many.data]
     assert len(vecs[0]) == len(one.data[0].embedding) > 100
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
     assert abs(dot(vecs[0], vecs[0]) - 1) < 1e-3
     assert dot(vecs[0], one.data[0].embedding) > 0.999
     assert dot(vecs[0], vecs[1]) > dot(vecs[0], vecs[2])

@@ -19,13 +19,12 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.api.context import CONTEXT_KEY, assign_request_id
 from appliance.api.errors import error_body, from_runtime
 from appliance.errors import ApplianceError, AuditUnavailable
-from appliance.governance import RequestContext
+from appliance.governance import CLIENT_CLOSED, RequestContext
 from runtime.errors import RuntimeFault
 
 log = logging.getLogger(__name__)
 
 UNAUDITED = frozenset({"/healthz", "/readyz"})
-_CLIENT_CLOSED = 499
 
 
 def status_of(exc: BaseException) -> int:
@@ -65,7 +64,7 @@ class AuditMiddleware:
         state[CONTEXT_KEY] = ctx
         governance = scope["app"].state.services.governance
         held: Message | None = None
-        status = _CLIENT_CLOSED
+        status = CLIENT_CLOSED
         sent_final = False
 
         async def send_wrapper(message: Message) -> None:
@@ -104,7 +103,7 @@ class AuditMiddleware:
         finally:
             if not ctx.completed:  # the client went away mid-response
                 ctx.principal = ctx.principal or scope.get("user")
-                governance.complete_nowait(ctx, status if sent_final else _CLIENT_CLOSED)
+                governance.complete_nowait(ctx, status if sent_final else CLIENT_CLOSED)
 
 
 def _error_response(exc: ApplianceError) -> tuple[Message, Message]:

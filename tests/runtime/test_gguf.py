@@ -440,7 +440,7 @@ def test_fuzzed_mutations_only_raise_model_file_error(tmp_path: Path) -> None:
     rng = random.Random(20240611)
     seeds = [valid_bytes(), writer_file(tmp_path, big_vocab=False).read_bytes()]
     accepted = rejected = 0
-    for i in range(300):
+    for _ in range(300):
         data = bytearray(rng.choice(seeds))
         for _ in range(rng.randint(1, 8)):
             pos = rng.randrange(len(data))
