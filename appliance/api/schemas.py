@@ -124,22 +124,3 @@ class CreateBudgetRequest(Struct, kw_only=True):
     amount: Annotated[float, Meta(ge=0)]
     unit: Literal["money", "tokens"] = "money"
     period: Literal["day", "month", "total"] = "month"
-
-
-# -- responses (plain dicts are built in the handlers; these document the shapes) -----------
-class Usage(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = None
-
-
-class ErrorBody(msgspec.Struct):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(msgspec.Struct):
-    error: ErrorBody
