@@ -145,18 +145,6 @@ class Overloaded(ApplianceError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
-class AuditUnavailable(ApplianceError):
-    """The audit record could not be committed, so the request is refused (fail closed)."""
-
-    status = 503
-    type = "server_error"
-    code = "audit_unavailable"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
-
-
 class ServiceUnavailable(ApplianceError):
     """The service cannot serve the request right now (no model loaded, shutting down)."""
 
@@ -167,3 +155,9 @@ class ServiceUnavailable(ApplianceError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}
+
+
+class AuditUnavailable(ServiceUnavailable):
+    """The audit record could not be committed, so the request is refused (fail closed)."""
+
+    code = "audit_unavailable"

@@ -98,6 +98,18 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout:
     raise AssertionError(f"server not ready in {timeout}s:\n{log_path.read_text(errors='replace')}")
 
 
+def wait_alive(url: str, timeout: float = 60) -> None:
+    """Wait for liveness only (for servers that are expected not to become ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"server at {url} not alive in {timeout}s")
+
+
 def stop_server(proc: subprocess.Popen[bytes]) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import MODEL_NAME, free_port, init_data_dir, run_cli, start_server, stop_server
+from tests.conftest import MODEL_NAME, free_port, init_data_dir, run_cli, start_server, stop_server, wait_alive
 
 
 def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path, model_path: Path) -> None:
@@ -68,13 +68,7 @@ def test_no_model_means_not_ready_but_alive(tmp_path: Path) -> None:
     run_cli("init", data_dir=tmp_path)
     proc, url, log_path = start_server(tmp_path, wait=False)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_alive(url)
         ready = httpx.get(url + "/readyz")
         assert ready.status_code == 503 and ready.headers["retry-after"]
     finally:
@@ -90,13 +84,7 @@ def test_model_file_changed_on_disk_is_refused_but_the_server_runs(tmp_path: Pat
     stored.write_bytes(bytes(data))
     proc, url, log_path = start_server(tmp_path, wait=False)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_alive(url)
         assert httpx.get(url + "/readyz").status_code == 503
         status = httpx.get(url + "/admin/models", headers={"Authorization": f"Bearer {admin_key}"}).json()["data"]
         assert status[0]["loaded"] is False and "sha256 mismatch" in status[0]["error"]
