@@ -95,6 +95,10 @@ class Sequence:
         self.emitted = False
 
 
+def _slot_order(seq: Sequence) -> int:
+    return seq.slot.seq_id
+
+
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
@@ -267,13 +271,25 @@ class BatchLoop:
                     future.set_exception(exc)
 
     def _step(self) -> None:
+        """One step: a token for every decoding sequence, then a chunk of waiting prompts.
+
+        The two go to separate `llama_decode` calls. With one KV stream per slot, llama.cpp
+        splits a batch into micro-batches of equal tokens per sequence over consecutive seq
+        ids; a prompt chunk riding along with decode tokens would be cut into one micro-batch
+        per prompt token, and rows out of seq_id order into one micro-batch per run.
+        """
         for seq in [s for s in self._active if s.cancelled]:
             self._retire(seq, clear_kv=True)
-        if not self._active:
-            return
-        participants = self._fill_batch()
-        if not participants:
-            return
+        decoding = sorted((s for s in self._active if s.pending >= 0), key=_slot_order)
+        if decoding:
+            self._decode(self._fill_decode(decoding))
+        budget = self.busy_prefill_chunk if decoding else self.n_batch
+        prefilling = self._fill_prefill(budget)
+        if prefilling:
+            self._decode(prefilling)
+
+    def _decode(self, participants: list[Sequence]) -> None:
+        """Run the filled batch, then account the time and sample for every row that wants logits."""
         batch = self._batch
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, batch)
@@ -302,39 +318,42 @@ class BatchLoop:
             if seq.out_index >= 0:
                 self._on_token(seq, sample(seq.chain, ctx, seq.out_index))
 
-    def _fill_batch(self) -> list[Sequence]:
-        """Put one token per decoding sequence, then prompt chunks, into the shared batch."""
+    def _fill_decode(self, decoding: list[Sequence]) -> list[Sequence]:
+        """One row per decoding sequence, in seq_id order."""
         batch = self._batch
         tok, pos, nseq, sid, want = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
-        n = 0
-        participants = []
-        for seq in self._active:
-            if seq.pending >= 0:
-                tok[n] = seq.pending
-                pos[n] = seq.n_past
-                nseq[n] = 1
-                sid[n][0] = seq.slot.seq_id
-                want[n] = 1
-                seq.out_index = n
-                seq.chunk = 0
-                n += 1
-                participants.append(seq)
-        budget = self.n_batch - n
-        if n:  # streams are running: smaller prompt chunks, so their next token is not held up long
-            budget = min(budget, self.busy_prefill_chunk)
+        for n, seq in enumerate(decoding):
+            tok[n] = seq.pending
+            pos[n] = seq.n_past
+            nseq[n] = 1
+            sid[n][0] = seq.slot.seq_id
+            want[n] = 1
+            seq.out_index = n
+            seq.chunk = 0
+        batch.n_tokens = len(decoding)
+        return decoding
+
+    def _fill_prefill(self, budget: int) -> list[Sequence]:
+        """Prompt chunks, first come first served up to `budget` tokens, laid out in seq_id order."""
+        chosen: list[Sequence] = []
         for seq in self._active:
             if budget <= 0:
                 break
             if seq.pending >= 0:
                 continue
             if not seq.started:
-                if self._should_defer(seq, participants):
+                if self._should_defer(seq, chosen):
                     continue
                 self._start_prefill(seq)
-            take = min(budget, len(seq.tokens) - seq.n_past)
-            seq_id = seq.slot.seq_id
-            prompt = seq.tokens
-            start = seq.n_past
+            seq.chunk = min(budget, len(seq.tokens) - seq.n_past)
+            budget -= seq.chunk
+            chosen.append(seq)
+        chosen.sort(key=_slot_order)
+        batch = self._batch
+        tok, pos, nseq, sid, want = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        n = 0
+        for seq in chosen:
+            seq_id, prompt, start, take = seq.slot.seq_id, seq.tokens, seq.n_past, seq.chunk
             for j in range(take):
                 tok[n + j] = prompt[start + j]
                 pos[n + j] = start + j
@@ -342,23 +361,20 @@ class BatchLoop:
                 sid[n + j][0] = seq_id
                 want[n + j] = 0
             n += take
-            budget -= take
-            seq.chunk = take
             if start + take == len(prompt):
                 want[n - 1] = 1
                 seq.out_index = n - 1
             else:
                 seq.out_index = -1
-            participants.append(seq)
         batch.n_tokens = n
-        return participants
+        return chosen
 
-    def _should_defer(self, seq: Sequence, batch: list[Sequence]) -> bool:
+    def _should_defer(self, seq: Sequence, chosen: list[Sequence]) -> bool:
         """Wait a step when a prompt being prefilled in this batch holds a longer prefix than any
         KV already computed; next step the KV is there to copy instead of being computed twice."""
         _, have = self.slots.best_donor(seq.tokens)
-        for other in batch:
-            if other.chunk and common_prefix_len(other.tokens, seq.tokens) > have + _DEFER_MIN_TOKENS:
+        for other in chosen:
+            if common_prefix_len(other.tokens, seq.tokens) > have + _DEFER_MIN_TOKENS:
                 return True
         return False
 

@@ -130,7 +130,7 @@ def _kv_types(*, gpu: bool) -> tuple[int, int]:
     info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
     native_bf16 = "AVX512_BF16 = 1" in info or "AMX_BF16 = 1" in info
     if native_bf16 and not gpu:
-        return _GGML_TYPE_BF16, llama_cpp.GGML_TYPE_F16
+        return _GGML_TYPE_BF16, llama_cpp.GGML_TYPE_Q8_0
     return llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
 
 
@@ -168,8 +168,9 @@ def new_context(
     # row over >= 512 cells), and those kernels round differently, so a greedy answer could
     # change with the company it is batched in. K and V of different types keep every row on
     # the one kernel that reduces each sequence's cells in order: the same logits alone or
-    # batched. BF16 K + F16 V is the faster pair where the CPU has native BF16 dot products;
-    # elsewhere (and on GPUs) F16 K + Q8_0 V. Both stay as close to an F16 cache as each other.
+    # batched. K is BF16 where the CPU has native BF16 dot products, else (and on GPUs) F16; V
+    # is Q8_0, which halves V's memory (44 MB for the default 8 x 1024 cells) at no measurable
+    # cost in speed, and accumulates in F32.
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.type_k, params.type_v = _kv_types(gpu=model.n_gpu_layers != 0)
     if embeddings:

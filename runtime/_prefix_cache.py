@@ -34,13 +34,34 @@ class SlotTable:
         return sum(1 for s in self.slots if not s.busy)
 
     def acquire(self, prompt: list[int]) -> Slot:
-        """Take the free slot whose cached tokens share most with `prompt` (else the emptiest, least recent)."""
+        """Take a free slot next to busy ones, then the one whose cached tokens share most with `prompt`.
+
+        Busy slots in one run of consecutive seq ids decode as one llama.cpp micro-batch; every
+        gap costs another pass over the weights, which is dearer than copying a prefix from
+        another slot. Among equals: the longest cached prefix, then the emptiest, least recent.
+        """
         free = [s for s in self.slots if not s.busy]
-        slot = max(free, key=lambda s: (common_prefix_len(s.tokens, prompt), -len(s.tokens), -s.last_used))
+        slot = max(
+            free,
+            key=lambda s: (
+                self._busy_neighbours(s.seq_id),
+                common_prefix_len(s.tokens, prompt),
+                -len(s.tokens),
+                -s.last_used,
+            ),
+        )
         slot.busy = True
         self._clock += 1
         slot.last_used = self._clock
         return slot
+
+    def _busy_neighbours(self, i: int) -> int:
+        return sum(1 for j in (i - 1, i + 1) if 0 <= j < len(self.slots) and self.slots[j].busy)
+
+    def runs(self) -> int:
+        """Runs of consecutive busy slots: the micro-batches a decode step costs."""
+        busy = [s.busy for s in self.slots]
+        return sum(1 for i, b in enumerate(busy) if b and (i == 0 or not busy[i - 1]))
 
     def release(self, slot: Slot) -> None:
         slot.busy = False

@@ -116,6 +116,54 @@ def test_cancelling_the_consumer_task_mid_prefill_frees_the_slot(engine: LlamaEn
     assert active == 0 and completion >= 1
 
 
+def test_decode_rows_run_in_slot_order_and_apart_from_prompt_chunks(engine: LlamaEngine, monkeypatch) -> None:
+    """With a KV stream per slot, llama.cpp runs a batch as micro-batches over consecutive seq ids
+    with equal rows per sequence: rows out of slot order, or a prompt chunk sharing a call with
+    decode rows, multiply the passes over the weights (8 decode rows once took 70 ms, not 36)."""
+    import runtime._batch_loop as batch_loop
+
+    calls: list[list[tuple[int, int, bool]]] = []
+    real_decode = batch_loop.llama_cpp.llama_decode
+
+    def recording_decode(ctx, batch):  # the real llama_decode, with its rows noted
+        calls.append([(batch.seq_id[i][0], batch.pos[i], bool(batch.logits[i])) for i in range(batch.n_tokens)])
+        return real_decode(ctx, batch)
+
+    monkeypatch.setattr(batch_loop.llama_cpp, "llama_decode", recording_decode)
+    lengths = [6, 30, 12, 40, 9, 24, 16, 36, 8, 28, 14, 20]  # requests end at different steps: slots free out of order
+    gate = asyncio.Semaphore(8)
+
+    async def one(i: int, n: int) -> Finished:
+        async with gate:
+            _, finished = await text_of(
+                engine, request(f"List {n} animals, number {i}.", max_tokens=n, sampling=GREEDY)
+            )
+            return finished
+
+    async def scenario() -> list[Finished]:
+        await wait_idle(engine)
+        return await asyncio.gather(*(one(i, n) for i, n in enumerate(lengths)))
+
+    results = asyncio.run(scenario())
+    assert all(f.reason in ("stop", "length") for f in results)
+    previous: dict[int, tuple[int, bool]] = {}  # slot -> (last position, that row wanted logits)
+    out_of_order = mixed = 0
+    for rows in calls:
+        ids = [sid for sid, _, _ in rows]
+        out_of_order += ids != sorted(ids)
+        has_prompt_rows = any(not want for _, _, want in rows)
+        per_slot = {sid: ids.count(sid) for sid in ids}
+        for sid, pos, _ in rows:
+            last = previous.get(sid)
+            decoding = per_slot[sid] == 1 and last is not None and last[1] and pos == last[0] + 1
+            mixed += has_prompt_rows and decoding
+        for sid, pos, want in rows:
+            previous[sid] = (pos, want)
+    assert len({sid for rows in calls for sid, _, _ in rows}) == 8
+    assert out_of_order == 0
+    assert mixed == 0
+
+
 @pytest.fixture(scope="module")
 def tiny(model_path: str) -> Iterator[LlamaEngine]:
     """One slot, one queue place, a short queue timeout."""
