@@ -9,7 +9,11 @@ plus the shared-system-prompt workload (16 requests with one ~600-token system p
 concurrency 8) on (b) and (c). For each: aggregate completion tokens/s, time to first token
 p50/p95, latency p95, errors and the server's peak RSS. Prints JSON.
 
-    .venv/bin/python bench/throughput.py [--levels 1,4,8,16] [--requests 16] [--max-tokens 128]
+Both servers stay up for the whole run and each workload runs on one, then at once on the
+other, so the drift of a shared machine's speed lands on both sides of every ratio. The
+whole sequence repeats `--rounds` times; `median_targets` holds the median of each ratio.
+
+    .venv/bin/python bench/throughput.py [--levels 1,4,8,16] [--requests 16] [--max-tokens 128] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -22,25 +26,42 @@ import statistics
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
 from _common import DEFAULT_MODEL, MODEL_NAME, REPO, start_appliance, stream_chat, summary
 
-TOPICS = ["dragons", "the sea", "a lighthouse", "winter", "a robot", "bread", "a library", "the moon",
-          "a garden", "trains", "a violin", "mountains", "a cat", "rain", "a market", "stars"]
-SYSTEM = (
-    "You are the help desk assistant of Example Ltd. Follow the policy below.\n"
-    + "\n".join(f"Rule {i}: answer politely, cite the handbook section {i}, never share passwords, "
-                f"escalate payroll questions to HR and security incidents to IT on extension {100 + i}." for i in range(1, 21))
+TOPICS = [
+    "dragons",
+    "the sea",
+    "a lighthouse",
+    "winter",
+    "a robot",
+    "bread",
+    "a library",
+    "the moon",
+    "a garden",
+    "trains",
+    "a violin",
+    "mountains",
+    "a cat",
+    "rain",
+    "a market",
+    "stars",
+]
+SYSTEM = "You are the help desk assistant of Example Ltd. Follow the policy below.\n" + "\n".join(
+    f"Rule {i}: answer politely, cite the handbook section {i}, never share passwords, "
+    f"escalate payroll questions to HR and security incidents to IT on extension {100 + i}."
+    for i in range(1, 21)
 )
 
 
-def chat_body(i: int, max_tokens: int, *, system: bool = False, model: str = MODEL_NAME) -> dict:
+def chat_body(i: int, max_tokens: int, *, system: str | bool = False, model: str = MODEL_NAME) -> dict:
     messages = [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}]
     if system:
-        messages.insert(0, {"role": "system", "content": SYSTEM})
+        messages.insert(0, {"role": "system", "content": SYSTEM if system is True else system})
     return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
 
 
@@ -97,31 +118,20 @@ async def load(url: str, key: str, bodies: list[dict], concurrency: int) -> dict
     }
 
 
-def run_levels(url: str, key: str, pid: int, levels: list[int], requests: int, max_tokens: int, model: str) -> dict:
-    out: dict = {}
-    asyncio.run(load(url, key, [chat_body(0, 8, model=model)], 1))  # warm-up
-    for level in levels:
-        n = max(requests, level)
-        with PeakRss(pid) as rss:
-            result = asyncio.run(load(url, key, [chat_body(i, max_tokens, model=model) for i in range(n)], level))
-        result["peak_rss_mb"] = rss.peak / 2**20
-        out[str(level)] = result
-    with PeakRss(pid) as rss:
-        shared = asyncio.run(load(url, key, [chat_body(i, max_tokens, system=True, model=model) for i in range(16)], 8))
-    shared["peak_rss_mb"] = rss.peak / 2**20
-    out["shared_system_prompt_c8"] = shared
-    return out
-
-
-def raw_single_stream(model: Path, threads: int, max_tokens: int, runs: int = 3) -> dict:
+def load_raw(model: Path, threads: int):
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    return llama_cpp.Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def raw_single_stream(llm, max_tokens: int, runs: int = 3) -> dict:
     rates = []
     for i in range(runs + 1):
         t0 = time.perf_counter()
         n = 0
-        for chunk in llm.create_chat_completion(chat_body(i, max_tokens)["messages"], max_tokens=max_tokens, temperature=0, stream=True):
+        for chunk in llm.create_chat_completion(
+            chat_body(i, max_tokens)["messages"], max_tokens=max_tokens, temperature=0, stream=True
+        ):
             n += bool(chunk["choices"][0]["delta"].get("content"))
         if i:
             rates.append(n / (time.perf_counter() - t0))
@@ -133,9 +143,25 @@ def start_peer(model: Path, threads: int, port: int) -> tuple[subprocess.Popen[b
     if not python.exists():
         raise SystemExit("run bench/setup_peer.sh first (installs llama-cpp-python[server] into .bench-venv)")
     proc = subprocess.Popen(
-        [str(python), "-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(threads), "--n_ctx", "4096",
-         "--port", str(port), "--interrupt_requests", "False", "--model_alias", MODEL_NAME],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(python),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--n_threads",
+            str(threads),
+            "--n_ctx",
+            "4096",
+            "--port",
+            str(port),
+            "--interrupt_requests",
+            "False",
+            "--model_alias",
+            MODEL_NAME,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -147,6 +173,58 @@ def start_peer(model: Path, threads: int, port: int) -> tuple[subprocess.Popen[b
     raise RuntimeError("llama_cpp.server did not start")
 
 
+@dataclass
+class Server:
+    name: str
+    url: str
+    key: str
+    pid: int
+
+
+def workloads(levels: list[int], requests: int, max_tokens: int, round_no: int) -> dict[str, tuple[list[dict], int]]:
+    """Name -> (request bodies, concurrency). The shared system prompt differs per round, so
+    every round starts with it cold on both servers."""
+    out = {str(level): ([chat_body(i, max_tokens) for i in range(max(requests, level))], level) for level in levels}
+    system = f"Round {round_no}. " + SYSTEM
+    out["shared_system_prompt_c8"] = ([chat_body(i, max_tokens, system=system) for i in range(16)], 8)
+    return out
+
+
+def run_workload(server: Server, bodies: list[dict], concurrency: int) -> dict:
+    with PeakRss(server.pid) as rss:
+        result = asyncio.run(load(server.url + "/v1/chat/completions", server.key, bodies, concurrency))
+    result["peak_rss_mb"] = rss.peak / 2**20
+    return result
+
+
+def run_round(servers: list[Server], llm, args: argparse.Namespace, levels: list[int], round_no: int) -> dict:
+    """Each workload runs on every server back to back, so the machine's drift (large on a shared
+    2-core box) hits both sides of a comparison alike."""
+    out: dict = {"raw_llama_single_stream": raw_single_stream(llm, args.max_tokens)}
+    for name, (bodies, concurrency) in workloads(levels, args.requests, args.max_tokens, round_no).items():
+        for server in servers:
+            out.setdefault(server.name, {})[name] = run_workload(server, bodies, concurrency)
+    return out
+
+
+def ratios(result: dict) -> dict:
+    app = result["appliance"]
+    out = {
+        "c1_vs_raw": app["1"]["aggregate_tokens_per_s"] / result["raw_llama_single_stream"]["tokens_per_s"]
+        if "1" in app
+        else None,
+        "c8_ttft_p95_s": app.get("8", {}).get("ttft_s", {}).get("p95"),
+        "c8_errors": app.get("8", {}).get("errors"),
+    }
+    peer = result.get("llama_cpp_server")
+    if peer:
+        for name in app:
+            out[f"{name}_vs_peer"] = app[name]["aggregate_tokens_per_s"] / max(
+                peer[name]["aggregate_tokens_per_s"], 1e-9
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -156,46 +234,40 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2, help="repeat every workload on every server; medians reported")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    report: dict = {"model": args.model.name, "threads": args.threads, "max_tokens": args.max_tokens}
-    report["raw_llama_single_stream"] = raw_single_stream(args.model, args.threads, args.max_tokens)
-
+    report: dict = {"model": args.model.name, "threads": args.threads, "max_tokens": args.max_tokens, "rounds": []}
+    llm = load_raw(args.model, args.threads)
     config = f"[runtime]\nn_threads = {args.threads}\nslots = {args.slots}\n"  # default ctx_per_slot
     app = start_appliance(args.model, port=18300, config=config)
+    peer_proc = None
     try:
         report["appliance_idle_rss_mb"] = app.rss_mb()
-        report["appliance"] = run_levels(app.url + "/v1/chat/completions", app.key, app.process.pid, levels,
-                                         args.requests, args.max_tokens, MODEL_NAME)
+        servers = [Server("appliance", app.url, app.key, app.process.pid)]
+        if not args.skip_peer:
+            peer_proc, peer_url = start_peer(args.model, args.threads, 18301)
+            servers.append(Server("llama_cpp_server", peer_url, "none", peer_proc.pid))
+        for server in servers:  # warm-up: first request pays lazy initialisation
+            run_workload(server, [chat_body(0, 8)], 1)
+        for round_no in range(args.rounds):
+            result = run_round(servers, llm, args, levels, round_no)
+            result["targets"] = ratios(result)
+            report["rounds"].append(result)
     finally:
         app.stop()
-
-    if not args.skip_peer:
-        proc, url = start_peer(args.model, args.threads, 18301)
-        try:
-            report["llama_cpp_server"] = run_levels(url + "/v1/chat/completions", "none", proc.pid, levels,
-                                                    args.requests, args.max_tokens, MODEL_NAME)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-
-    raw = report["raw_llama_single_stream"]["tokens_per_s"]
-    app_levels = report["appliance"]
-    checks = {
-        "c1_vs_raw": app_levels["1"]["aggregate_tokens_per_s"] / raw if "1" in app_levels else None,
-        "c8_ttft_p95_s": app_levels.get("8", {}).get("ttft_s", {}).get("p95"),
-        "c8_errors": app_levels.get("8", {}).get("errors"),
-        "idle_rss_mb": report["appliance_idle_rss_mb"],
+        if peer_proc is not None:
+            peer_proc.terminate()
+            peer_proc.wait(30)
+    keys = report["rounds"][0]["targets"].keys()
+    report["median_targets"] = {
+        k: statistics.median(v)
+        if (v := [r["targets"][k] for r in report["rounds"] if r["targets"][k] is not None])
+        else None
+        for k in keys
     }
-    if "llama_cpp_server" in report and "8" in app_levels:
-        peer = report["llama_cpp_server"]
-        checks["c8_vs_peer"] = app_levels["8"]["aggregate_tokens_per_s"] / max(peer["8"]["aggregate_tokens_per_s"], 1e-9)
-        checks["shared_prompt_vs_peer"] = (
-            app_levels["shared_system_prompt_c8"]["aggregate_tokens_per_s"]
-            / max(peer["shared_system_prompt_c8"]["aggregate_tokens_per_s"], 1e-9)
-        )
-    report["targets"] = checks
+    report["median_targets"]["idle_rss_mb"] = report["appliance_idle_rss_mb"]
     print(json.dumps(report, indent=2))
 
 
