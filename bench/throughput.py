@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -190,17 +191,77 @@ def workloads(levels: list[int], requests: int, max_tokens: int, round_no: int) 
     return out
 
 
+def engine_counters(server: Server) -> dict | None:
+    """The appliance's own `llama_decode` counters (None for the peer, which has none)."""
+    if server.name != "appliance":
+        return None
+    models = httpx.get(server.url + "/admin/models", headers={"Authorization": f"Bearer {server.key}"}, timeout=10)
+    extra = models.json()["data"][0]["stats"]["extra"]
+    return {"calls": extra["decode_steps"], "busy_s": extra["decode_busy_seconds"]}
+
+
 def run_workload(server: Server, bodies: list[dict], concurrency: int) -> dict:
+    before = engine_counters(server)
     with PeakRss(server.pid) as rss:
         result = asyncio.run(load(server.url + "/v1/chat/completions", server.key, bodies, concurrency))
     result["peak_rss_mb"] = rss.peak / 2**20
+    after = engine_counters(server)
+    if before and after:  # how much of the wall time llama.cpp itself was computing
+        busy = after["busy_s"] - before["busy_s"]
+        result["llama_decode"] = {
+            "calls": after["calls"] - before["calls"],
+            "busy_s": busy,
+            "share_of_wall": busy / result["wall_s"],
+        }
     return result
+
+
+def batched_ceiling(model: Path, threads: int, n_seq: int = 8, steps: int = 64) -> dict:
+    """A bare low-level loop decoding `n_seq` sequences in one context, with the appliance's
+    context settings: what llama.cpp itself manages on this machine in this minute."""
+    import llama_cpp
+
+    sys.path.insert(0, str(REPO))
+    from runtime._native import Model, new_context
+
+    m = Model(str(model))
+    ctx = new_context(m, n_ctx=n_seq * 1024, n_batch=512, n_seq_max=n_seq, n_threads=threads)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    prompt = m.tokenize("<|im_start|>user\nWrite a long story.<|im_end|>\n<|im_start|>assistant\n")
+    try:
+        for s in range(n_seq):
+            for i, tok in enumerate(prompt):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = tok, i, 1, s
+                batch.logits[i] = i == len(prompt) - 1
+            batch.n_tokens = len(prompt)
+            llama_cpp.llama_decode(ctx, batch)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            for s in range(n_seq):
+                batch.token[s], batch.pos[s], batch.n_seq_id[s], batch.seq_id[s][0] = (
+                    1000 + step,
+                    len(prompt) + step,
+                    1,
+                    s,
+                )
+                batch.logits[s] = 1
+            batch.n_tokens = n_seq
+            llama_cpp.llama_decode(ctx, batch)
+        elapsed = time.perf_counter() - t0
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        m.free()
+    return {"sequences": n_seq, "tokens_per_s": n_seq * steps / elapsed, "ms_per_step": 1000 * elapsed / steps}
 
 
 def run_round(servers: list[Server], llm, args: argparse.Namespace, levels: list[int], round_no: int) -> dict:
     """Each workload runs on every server back to back, so the machine's drift (large on a shared
     2-core box) hits both sides of a comparison alike."""
-    out: dict = {"raw_llama_single_stream": raw_single_stream(llm, args.max_tokens)}
+    out: dict = {
+        "raw_llama_single_stream": raw_single_stream(llm, args.max_tokens),
+        "bare_batched_decode": batched_ceiling(args.model, args.threads),
+    }
     for name, (bodies, concurrency) in workloads(levels, args.requests, args.max_tokens, round_no).items():
         for server in servers:
             out.setdefault(server.name, {})[name] = run_workload(server, bodies, concurrency)
@@ -215,6 +276,9 @@ def ratios(result: dict) -> dict:
         else None,
         "c8_ttft_p95_s": app.get("8", {}).get("ttft_s", {}).get("p95"),
         "c8_errors": app.get("8", {}).get("errors"),
+        "c8_vs_bare_batched": app["8"]["aggregate_tokens_per_s"] / result["bare_batched_decode"]["tokens_per_s"]
+        if "8" in app
+        else None,
     }
     peer = result.get("llama_cpp_server")
     if peer:
