@@ -283,6 +283,7 @@ class BatchLoop:
         decoding = sorted((s for s in self._active if s.pending >= 0), key=_slot_order)
         if decoding:
             self._decode(self._fill_decode(decoding))
+            self._flush()  # the streams' tokens go out now, not after the prompt chunk
         budget = self.busy_prefill_chunk if decoding else self.n_batch
         prefilling = self._fill_prefill(budget)
         if prefilling:
