@@ -5,7 +5,7 @@
   (c) llama-cpp-python's own server (`python -m llama_cpp.server`, from .bench-venv; run
       bench/setup_peer.sh first) with `--interrupt_requests False`, at the same levels;
 
-plus the shared-system-prompt workload (16 requests with one ~600-token system prompt at
+plus the shared-system-prompt workload (16 requests with one ~780-token system prompt at
 concurrency 8) on (b) and (c). For each: aggregate completion tokens/s, time to first token
 p50/p95, latency p95, errors and the server's peak RSS. Prints JSON.
 
