@@ -175,6 +175,7 @@ class LlamaEngine:
                 "slot_tokens": slot_tokens,
                 "prompt_tokens_cached": loop.prompt_tokens_cached,
                 "decode_steps": loop.steps,
+                "busy_slot_runs": loop.slots.runs(),  # llama.cpp micro-batches per decode step
                 "decode_busy_seconds": round(loop.busy_seconds, 3),
             },
         )

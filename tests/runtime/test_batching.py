@@ -84,6 +84,7 @@ def test_closing_streams_cancels_and_frees_kv(engine: LlamaEngine) -> None:
             for _ in range(3):
                 assert isinstance(await anext(stream), TokenEvent)
         assert engine.stats().active_sequences == 8
+        assert engine.stats().extra["busy_slot_runs"] == 1  # all eight decode as one micro-batch
         for stream in streams:
             await stream.aclose()
         await wait_idle(engine)

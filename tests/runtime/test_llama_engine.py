@@ -280,6 +280,7 @@ def test_stats_count_work(engine: LlamaEngine) -> None:
     assert after.kv_cells_total >= 8 * 1024
     assert 0 < after.kv_cells_used <= after.kv_cells_total
     assert after.active_sequences == 0 and after.queue_depth == 0
+    assert after.extra["busy_slot_runs"] == 0
 
 
 def test_unloadable_files_raise_typed_errors(tmp_path, model_path: str) -> None:
