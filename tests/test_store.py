@@ -3,8 +3,10 @@ schema without touching it, and group commits where one bad write spoils nothing
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,20 @@ async def test_async_write_is_visible_to_readers_once_awaited(tmp_path: Path) ->
     with Store(tmp_path / "a.db") as store:
         await store.write(lambda c: c.execute("INSERT INTO settings VALUES ('a', 'b')"))
         assert store.query_one("SELECT value FROM settings WHERE key='a'")[0] == "b"
+
+
+async def test_a_caller_cancelled_mid_write_neither_loses_the_write_nor_stops_the_writer(tmp_path: Path) -> None:
+    # A client hanging up while its audit record is being committed cancels the awaiting task.
+    # The record must still land, and the one writer thread must go on serving everyone else.
+    with Store(tmp_path / "a.db") as store:
+        gate = threading.Event()
+        busy = store.submit(lambda c: gate.wait(10))  # hold the writer so the next write stays queued
+        task = asyncio.create_task(store.write(lambda c: c.execute("INSERT INTO settings VALUES ('audit', 'kept')")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        busy.result(10)
+        await asyncio.wait_for(store.write(lambda c: c.execute("INSERT INTO settings VALUES ('next', 'ok')")), 10)
+        assert dict(store.query("SELECT key, value FROM settings")) == {"audit": "kept", "next": "ok"}

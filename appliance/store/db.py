@@ -116,8 +116,12 @@ class Store:
         return future
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` in the next group commit and wait until it is durable."""
-        return await asyncio.wrap_future(self.submit(fn))
+        """Run `fn(conn)` in the next group commit and wait until it is durable.
+
+        Cancelling the caller (a client that hung up mid-request) does not cancel the write:
+        an audit or usage record must land whether or not anyone still waits for it.
+        """
+        return await asyncio.shield(asyncio.wrap_future(self.submit(fn)))
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return self.submit(fn).result()
@@ -139,7 +143,14 @@ class Store:
                         stop = True
                         break
                     group.append(nxt)
-                self._commit_group(conn, group)
+                try:
+                    self._commit_group(conn, group)
+                except Exception:  # the only writer must outlive any bug, or every later write hangs
+                    log.exception("store writer: group of %d writes failed", len(group))
+                    if conn.in_transaction:
+                        conn.rollback()
+                    for _, future in group:
+                        _settle(future, error=StoreError("database write failed"))
                 if stop:
                     return
         finally:
@@ -168,11 +179,18 @@ class Store:
                 conn.execute("ROLLBACK")
             error = StoreError(f"database write failed: {exc}")
             for _, future in group:
-                if not future.done():
-                    future.set_exception(error)
+                _settle(future, error=error)
             return
         for future, value, exc in results:
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(value)
+            _settle(future, value, exc)
+
+
+def _settle(future: concurrent.futures.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a caller's future unless it already is (cancelled, or settled by an earlier failure)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass
