@@ -249,7 +249,8 @@ class Governance:
         if status == CLIENT_CLOSED or (ctx.finished is not None and ctx.finished.reason == "cancelled"):
             outcome = "cancelled"
         else:
-            outcome = "ok" if status < 400 else "error"
+            failed = ctx.finished is not None and ctx.finished.reason == "error"
+            outcome = "ok" if status < 400 and not failed else "error"
         record = usage[0] if usage else None
         body: dict[str, Any] = {
             "request_id": ctx.request_id,

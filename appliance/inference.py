@@ -12,6 +12,7 @@ from appliance.auth import Principal
 from appliance.engine_pool import EnginePool
 from appliance.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from runtime.engine import Engine, Finished, GenerationEvent, GenerationRequest, SamplingParams, TokenEvent
+from runtime.errors import EngineUnavailable, RuntimeFault
 from runtime.llama_engine import JSON_OBJECT_GRAMMAR, json_schema_to_grammar
 
 _SYSTEM_ALIASES = {"developer": "system"}
@@ -93,6 +94,8 @@ class InferenceService:
         finally:
             await stream.aclose()
         assert finished is not None, "engine stream ended without Finished"
+        if finished.reason == "error":  # nothing was sent yet: the whole answer is an error
+            raise generation_failure(finished)
         return "".join(parts), finished
 
     def prepare_embeddings(self, principal: Principal, model: str, texts: list[str]) -> tuple[Engine, int]:
@@ -109,6 +112,11 @@ class InferenceService:
                 )
             total += n
         return engine, total
+
+
+def generation_failure(finished: Finished) -> RuntimeFault:
+    """The error behind a `Finished("error")`; engines that give none failed for their own reasons."""
+    return finished.error or EngineUnavailable("the model failed mid-generation")
 
 
 async def _prepend(first: GenerationEvent, rest: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:

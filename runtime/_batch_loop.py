@@ -15,10 +15,10 @@ import llama_cpp
 
 from ._native import Model
 from ._prefix_cache import Slot, SlotTable, common_prefix_len
-from ._sampler import free_chain
+from ._sampler import GrammarDeadEnd, Sampler
 from ._text import TextAssembler
 from .engine import Finished, FinishReason, TokenEvent
-from .errors import EngineOverloaded, EngineUnavailable
+from .errors import EngineOverloaded, EngineUnavailable, RuntimeFault
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Sequence:
         "request_id",
         "tokens",
         "max_tokens",
-        "chain",
+        "sampler",
         "text",
         "loop",
         "queue",
@@ -65,7 +65,7 @@ class Sequence:
         *,
         tokens: list[int],
         max_tokens: int,
-        chain: int,
+        sampler: Sampler,
         stops: tuple[str, ...],
         loop: asyncio.AbstractEventLoop,
         request_id: str = "",
@@ -73,7 +73,7 @@ class Sequence:
         self.request_id = request_id
         self.tokens = tokens
         self.max_tokens = max_tokens
-        self.chain = chain
+        self.sampler: Sampler | None = sampler
         self.text = TextAssembler(stops)
         self.loop = loop
         self.queue: asyncio.Queue[list[Any] | BaseException] = asyncio.Queue()
@@ -181,8 +181,7 @@ class BatchLoop:
             if seq.state == "waiting":
                 self._waiting.remove(seq)
                 seq.state = "done"
-                free_chain(seq.chain)
-                seq.chain = None
+                self._free_sampler(seq)
             self._cond.notify()
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -249,8 +248,7 @@ class BatchLoop:
         while self._waiting and now - self._waiting[0].enqueued_at > self.queue_timeout_s:
             seq = self._waiting.popleft()
             seq.state = "done"
-            free_chain(seq.chain)
-            seq.chain = None
+            self._free_sampler(seq)
             waited = now - seq.enqueued_at
             self._post_error(
                 seq,
@@ -305,7 +303,6 @@ class BatchLoop:
         n_tokens = batch.n_tokens
         watts = self.energy_watts
         ctx = self.ctx
-        sample = llama_cpp.llama_sampler_sample
         for seq in participants:
             share = elapsed * (seq.chunk or 1) / n_tokens
             seq.compute_seconds += share
@@ -317,7 +314,12 @@ class BatchLoop:
                 seq.slot.tokens.append(seq.pending)
                 seq.n_past += 1
             if seq.out_index >= 0:
-                self._on_token(seq, sample(seq.chain, ctx, seq.out_index))
+                try:
+                    token = seq.sampler.sample(ctx, seq.out_index)
+                except GrammarDeadEnd as exc:
+                    self._fail(seq, exc)
+                    continue
+                self._on_token(seq, token)
 
     def _fill_decode(self, decoding: list[Sequence]) -> list[Sequence]:
         """One row per decoding sequence, in seq_id order."""
@@ -427,7 +429,15 @@ class BatchLoop:
             return
         seq.pending = token
 
-    def _finish(self, seq: Sequence, reason: FinishReason, *, flush: bool = True, clear_kv: bool = False) -> None:
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        *,
+        flush: bool = True,
+        clear_kv: bool = False,
+        error: RuntimeFault | None = None,
+    ) -> None:
         """Post the last text and the `Finished` event, then retire the sequence."""
         if flush:
             tail = seq.text.flush()
@@ -443,6 +453,7 @@ class BatchLoop:
                 queue_seconds=seq.admitted_at - seq.enqueued_at,
                 compute_seconds=seq.compute_seconds,
                 energy_joules=seq.energy_joules,
+                error=error,
             ),
         )
         self._retire(seq, clear_kv=clear_kv)
@@ -453,8 +464,7 @@ class BatchLoop:
         """Take a sequence out of the batch and free its sampler; `clear_kv` also frees its KV cells at once."""
         self._active.remove(seq)
         seq.state = "done"
-        free_chain(seq.chain)
-        seq.chain = None
+        self._free_sampler(seq)
         slot = seq.slot
         if clear_kv:
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
@@ -475,19 +485,25 @@ class BatchLoop:
     def _fail_batch(self, participants: list[Sequence], rc: int) -> None:
         log.error("llama_decode returned %d for a batch of %d tokens", rc, self._batch.n_tokens)
         for seq in participants:
-            self._fail(seq, f"llama_decode failed ({rc})")
+            self._fail(seq, EngineUnavailable(f"llama_decode failed ({rc})"))
 
     def _fail_active(self, detail: str) -> None:
         for seq in list(self._active):
-            self._fail(seq, detail)
+            self._fail(seq, EngineUnavailable(detail))
 
-    def _fail(self, seq: Sequence, detail: str) -> None:
-        """Before the first event the consumer gets `EngineUnavailable`; after it, `Finished("error")`."""
+    def _fail(self, seq: Sequence, error: RuntimeFault) -> None:
+        """Before the first event the consumer gets `error` raised; after it, `Finished("error")`."""
         if seq.emitted or seq.outbox:
-            self._finish(seq, "error", flush=False, clear_kv=True)
+            self._finish(seq, "error", flush=False, clear_kv=True, error=error)
         else:
-            self._post_error(seq, EngineUnavailable(detail))
+            self._post_error(seq, error)
             self._retire(seq, clear_kv=True)
+
+    @staticmethod
+    def _free_sampler(seq: Sequence) -> None:
+        if seq.sampler is not None:
+            seq.sampler.free()
+            seq.sampler = None
 
     def _post(self, seq: Sequence, event: Any) -> None:
         if not seq.outbox:
@@ -524,8 +540,7 @@ class BatchLoop:
             calls, self._calls = list(self._calls), deque()
         for seq in waiting:
             seq.state = "done"
-            free_chain(seq.chain)
-            seq.chain = None
+            self._free_sampler(seq)
             self._post_error(seq, EngineUnavailable("engine closed"))
         for seq in list(self._active):
             if seq.cancelled:

@@ -2,29 +2,61 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from ._native import Model, sampler_init_penalties
 from .engine import SamplingParams
-from .errors import InvalidGenerationRequest
+from .errors import GrammarDeadEnd, InvalidGenerationRequest
 
 #: GBNF for "any JSON object" (OpenAI `response_format: {"type": "json_object"}`).
 JSON_OBJECT_GRAMMAR: str = JSON_GBNF
 
 _PENALTY_LAST_N = 64
 
+# The converter spells repetitions out, so `{"minItems": 10**9}` would build gigabytes of GBNF.
+# No answer that fits a context window needs more than this many repetitions of anything.
+MAX_SCHEMA_REPEAT = 100_000
+MAX_GRAMMAR_BYTES = 256 * 1024
+_REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
 
 def json_schema_to_grammar(schema: dict[str, Any]) -> str:
     """GBNF that only admits JSON documents matching `schema` (OpenAI `json_schema` response format)."""
+    _check_repeats(schema)
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        grammar = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises bare ValueError/KeyError/TypeError on bad schemas
         raise InvalidGenerationRequest(f"unsupported JSON schema: {exc}") from exc
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise InvalidGenerationRequest(
+            f"JSON schema is too complex to enforce ({len(grammar)} bytes of grammar, limit {MAX_GRAMMAR_BYTES})"
+        )
+    return grammar
+
+
+def _check_repeats(node: Any) -> None:
+    """Refuse repetition counts the converter would expand into an unbounded grammar."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key in _REPEAT_KEYS:
+                value = item.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_SCHEMA_REPEAT:
+                    raise InvalidGenerationRequest(f"JSON schema {key} {value} exceeds {MAX_SCHEMA_REPEAT}")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def validate(params: SamplingParams) -> None:
@@ -41,21 +73,83 @@ def validate(params: SamplingParams) -> None:
             raise InvalidGenerationRequest(message)
 
 
-def build_chain(model: Model, params: SamplingParams) -> int:
-    """A new sampler chain (caller frees it with `free_chain`). Grammar first, then the usual pipeline.
+class Sampler:
+    """One sequence's sampling: an optional grammar, then a llama.cpp sampler chain.
+
+    Without a grammar, `sample` is llama.cpp's own `llama_sampler_sample`. With one, it runs the
+    same steps itself so that it can look between them: llama.cpp accepts whatever token the
+    chain selects, and accepting a token the grammar rejected throws a C++ exception through
+    the C API, which terminates the process. That happens whenever the grammar admits nothing
+    the vocabulary can spell, and a staff app can ask for such a grammar with a JSON schema.
+    Here a dead end raises `GrammarDeadEnd` instead, and only that sequence fails.
+    """
+
+    __slots__ = ("chain", "grammar", "_n_vocab", "_cur", "_view", "_array")
+
+    def __init__(self, chain: int, grammar: int | None, n_vocab: int) -> None:
+        self.chain = chain
+        self.grammar = grammar
+        self._n_vocab = n_vocab
+        if grammar is not None:
+            self._cur = (llama_cpp.llama_token_data * n_vocab)()
+            self._view = np.frombuffer(self._cur, dtype=_TOKEN_DATA)
+            self._array = llama_cpp.llama_token_data_array(self._cur, n_vocab, -1, False)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        """The next token from the logits of batch row `index`; the samplers accept it."""
+        if self.grammar is None:
+            return llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+        n = self._n_vocab
+        view, array = self._view, self._array
+        view["id"] = np.arange(n, dtype=np.int32)
+        view["logit"] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n,))
+        view["p"] = 0.0
+        array.data, array.size, array.selected, array.sorted = self._cur, n, -1, False
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        if not np.isfinite(view["logit"]).any():
+            raise GrammarDeadEnd("the response format admits no text this model can produce at this point")
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise GrammarDeadEnd("the sampler selected no token")
+        token = int(array.data[array.selected].id)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
+
+    def free(self) -> None:
+        if self.grammar is not None:
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = None
+        if self.chain:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = 0
+
+
+def build_sampler(model: Model, params: SamplingParams) -> Sampler:
+    """A new sampler (caller frees it). Grammar first, then the usual pipeline.
 
     Temperature 0 is greedy; otherwise penalties -> top_k -> top_p -> min_p -> temperature -> dist(seed).
     Raises `InvalidGenerationRequest` when the grammar does not compile.
     """
     validate(params)
+    grammar = None
+    if params.grammar is not None:
+        grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, params.grammar.encode("utf-8"), b"root")
+        if not grammar:
+            raise InvalidGenerationRequest("grammar does not compile (GBNF with a `root` rule expected)")
+    try:
+        chain = _build_chain(params)
+    except BaseException:
+        if grammar:
+            llama_cpp.llama_sampler_free(grammar)
+        raise
+    return Sampler(chain, grammar, model.n_vocab)
+
+
+def _build_chain(params: SamplingParams) -> int:
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
     try:
-        if params.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, params.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                raise InvalidGenerationRequest("grammar does not compile (GBNF with a `root` rule expected)")
-            add(chain, grammar)
         if params.repeat_penalty != 1.0:
             add(chain, sampler_init_penalties(_PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
         if params.temperature == 0:
@@ -76,8 +170,3 @@ def build_chain(model: Model, params: SamplingParams) -> int:
     except BaseException:
         llama_cpp.llama_sampler_free(chain)
         raise
-
-
-def free_chain(chain: int | None) -> None:
-    if chain:
-        llama_cpp.llama_sampler_free(chain)

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from .errors import RuntimeFault
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -58,6 +60,7 @@ class Finished:
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     energy_joules: float = 0.0
+    error: RuntimeFault | None = None  # why, when `reason` is "error"
 
 
 GenerationEvent = TokenEvent | Finished

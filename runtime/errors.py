@@ -19,6 +19,11 @@ class InvalidGenerationRequest(RuntimeFault):
     """A generation request the engine cannot run: bad sampling values, a grammar that does not compile."""
 
 
+class GrammarDeadEnd(InvalidGenerationRequest):
+    """Mid-generation, the response format's grammar admits no token the model can produce
+    (for example a JSON schema that demands a NUL character)."""
+
+
 class ContextOverflow(RuntimeFault):
     """The prompt plus the requested completion do not fit in the slot's context window."""
 

@@ -13,7 +13,7 @@ from ._batch_loop import BatchLoop, Sequence
 from ._chat_template import ChatTemplate
 from ._embedder import Embedder
 from ._native import Model, new_context
-from ._sampler import JSON_OBJECT_GRAMMAR, build_chain, free_chain, json_schema_to_grammar
+from ._sampler import JSON_OBJECT_GRAMMAR, build_sampler, json_schema_to_grammar
 from .engine import (
     Embeddings,
     EngineHealth,
@@ -108,11 +108,11 @@ class LlamaEngine:
                 prompt_tokens=len(tokens),
                 limit=self.context_length,
             )
-        chain = build_chain(self._model, request.sampling)
+        sampler = build_sampler(self._model, request.sampling)
         seq = Sequence(
             tokens=tokens,
             max_tokens=request.max_tokens,
-            chain=chain,
+            sampler=sampler,
             stops=tuple(request.stop),
             loop=asyncio.get_running_loop(),
             request_id=request.request_id,
@@ -120,7 +120,7 @@ class LlamaEngine:
         try:
             self._loop.submit(seq)
         except BaseException:
-            free_chain(chain)
+            sampler.free()
             raise
         try:
             while True:

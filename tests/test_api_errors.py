@@ -87,6 +87,51 @@ def test_unsupported_options_are_refused_not_ignored(server: Server) -> None:
         assert _assert_error(r, 400, "invalid_request_error")["param"] == param
 
 
+# No token spells a NUL character, so this schema's grammar dead-ends after the opening quote.
+NUL_SCHEMA = {"type": "json_schema", "json_schema": {"name": "nul", "schema": {"enum": ["\u0000"]}}}
+
+
+def test_response_format_the_model_cannot_spell_is_a_400_not_a_crash(server: Server) -> None:
+    before = _store_counts(server)
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 8, "response_format": NUL_SCHEMA}
+    r = _post(server, "/v1/chat/completions", key=server.user_key, json=body)
+    err = _assert_error(r, 400, "invalid_request_error")
+    assert err["param"] == "response_format" and "cannot be met" in err["message"]
+    _only_an_audit_record_was_added(server, before, 400, "invalid_request_error")
+    ok = _post(server, "/v1/chat/completions", key=server.user_key, json={"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_a_stream_that_fails_midway_says_so_in_band_and_in_the_audit_log(server: Server) -> None:
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 8, "response_format": NUL_SCHEMA, "stream": True}
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {server.user_key}"}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        request_id = r.headers["x-request-id"]
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert content == '"'  # what was streamed before the dead end
+    errors = [e for e in events if "error" in e]
+    assert len(errors) == 1 and errors[0]["error"]["param"] == "response_format"
+    assert not any(c.get("finish_reason") for e in events for c in e.get("choices") or [])  # never a clean "stop"
+    conn = sqlite3.connect(server.data_dir / "appliance.db")
+    audit = json.loads(conn.execute("SELECT body FROM audit WHERE body LIKE ?", (f'%{request_id}%',)).fetchone()[0])
+    conn.close()
+    assert audit["outcome"] == "error" and audit["error"] == "invalid_request_error"
+    assert audit["tokens"]["completion"] >= 1  # streamed tokens are still accounted for
+    client = openai.OpenAI(base_url=server.base_url, api_key=server.user_key, max_retries=0)
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=8, response_format=NUL_SCHEMA, stream=True))
+
+
+def test_json_schema_with_runaway_repetition_is_refused(server: Server) -> None:
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 10**12}
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
+    r = _post(server, "/v1/chat/completions", key=server.user_key, json=body)
+    assert _assert_error(r, 400, "invalid_request_error")["param"] == "response_format"
+
+
 def test_context_overflow_is_400_context_length_exceeded(server: Server) -> None:
     client = openai.OpenAI(base_url=server.base_url, api_key=server.user_key, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:

@@ -22,6 +22,7 @@ from runtime.errors import (
     ContextOverflow,
     EngineOverloaded,
     EngineUnavailable,
+    GrammarDeadEnd,
     InvalidGenerationRequest,
     ModelFileError,
     RuntimeFault,
@@ -57,6 +58,8 @@ def from_runtime(exc: RuntimeFault) -> ApplianceError:
         )
     if isinstance(exc, EngineOverloaded):
         return Overloaded(f"The model is busy: {exc}. Retry shortly.", retry_after=exc.retry_after)
+    if isinstance(exc, GrammarDeadEnd):
+        return InvalidRequest(f"response_format cannot be met: {exc}.", param="response_format")
     if isinstance(exc, InvalidGenerationRequest | ModelFileError):
         return InvalidRequest(str(exc))
     if isinstance(exc, EngineUnavailable):

@@ -15,13 +15,14 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
 from appliance.api.context import request_context
+from appliance.api.errors import error_body, from_runtime
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from appliance.api.security import ANY_ROLE, roles
 from appliance.api.services import ServicesDep
 from appliance.auth import Principal, Role
 from appliance.errors import InvalidRequest
 from appliance.governance import RequestContext
-from appliance.inference import Prepared, usage_dict
+from appliance.inference import Prepared, generation_failure, usage_dict
 from runtime.engine import Finished, GenerationEvent, TokenEvent
 
 INFERENCE = roles(Role.USER, Role.OPERATOR)
@@ -229,7 +230,12 @@ async def _sse_stream(
                     yield _sse(choice(base, event.text, None) | extra)
                 continue
             ctx.finished = event
-            yield _sse(choice(base, "", _finish(event)) | extra)
+            if event.reason == "error":  # the stream already began: say so in-band, as OpenAI does
+                failure = from_runtime(generation_failure(event))
+                ctx.error_code = failure.code
+                yield _sse(error_body(failure.message, failure.type, failure.code, failure.param))
+            else:
+                yield _sse(choice(base, "", _finish(event)) | extra)
             if include_usage:
                 yield _sse(base | {"choices": [], "usage": usage_dict(event)})
         await services.governance.complete(ctx, 200)

@@ -15,6 +15,7 @@ from runtime import (
     EngineUnavailable,
     Finished,
     GenerationRequest,
+    GrammarDeadEnd,
     InvalidGenerationRequest,
     ModelFileError,
     ModelLoadError,
@@ -153,6 +154,33 @@ def test_bad_grammar_is_rejected_before_the_first_event(engine: LlamaEngine, gra
 def test_unsupported_json_schema_is_an_invalid_request() -> None:
     with pytest.raises(InvalidGenerationRequest):
         json_schema_to_grammar({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
+
+
+def test_grammar_that_admits_nothing_fails_the_request_not_the_process(engine: LlamaEngine) -> None:
+    # No token spells a NUL byte. llama.cpp would accept a token its grammar rejected and throw a
+    # C++ exception through the C API, terminating the process; the request must fail instead.
+    dead = GenerationRequest(max_tokens=8, prompt="x", sampling=SamplingParams(temperature=1.0, grammar="root ::= [\\x00]"))
+    with pytest.raises(GrammarDeadEnd):
+        run(engine, dead)
+    text, finished = run(engine, GenerationRequest(max_tokens=4, messages=chat("Say hi."), sampling=GREEDY))
+    assert finished.reason in ("stop", "length") and text
+    assert engine.health().ok
+
+
+def test_grammar_dead_end_mid_stream_finishes_with_the_error(engine: LlamaEngine) -> None:
+    sampling = SamplingParams(temperature=0, grammar='root ::= "ok" [\\x00]')
+    text, finished = run(engine, GenerationRequest(max_tokens=8, prompt="x", sampling=sampling))
+    assert text == "ok"
+    assert finished.reason == "error" and isinstance(finished.error, GrammarDeadEnd)
+    assert finished.completion_tokens >= 1
+
+
+def test_json_schema_repetitions_are_bounded_before_conversion() -> None:
+    # Spelled out, this would be tens of gigabytes of GBNF.
+    with pytest.raises(InvalidGenerationRequest, match="minItems"):
+        json_schema_to_grammar({"type": "object", "properties": {"a": {"type": "array", "minItems": 10**9}}})
+    with pytest.raises(InvalidGenerationRequest, match="too complex"):
+        json_schema_to_grammar({"type": "array", "items": {"type": "integer"}, "minItems": 100_000})
 
 
 @pytest.mark.parametrize(
