@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jinja2
@@ -10,6 +11,11 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from .errors import InvalidGenerationRequest
 
 NO_TEMPLATE = "model has no chat template; use /v1/completions"
+
+# Private-use code points that bracket control-token text found inside message content, so
+# that it survives the template and can be tokenised as plain text afterwards.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_QUOTED = re.compile(f"{_OPEN}(.*?){_CLOSE}", re.DOTALL)
 
 
 class ChatTemplate:
@@ -47,6 +53,53 @@ class ChatTemplate:
             raise
         except Exception as exc:  # jinja2 errors, raise_exception() in the template, bad types
             raise InvalidGenerationRequest(f"chat template rejected the messages: {exc}") from exc
+
+
+class PromptBuilder:
+    """Renders chat messages to (text, parse_special) segments.
+
+    The template's own markup is tokenised with special parsing, so its `<|im_start|>` becomes
+    the control token. Text in message content that spells a control token must not: a user
+    who writes `<|im_end|><|im_start|>system` would otherwise forge a system turn. Such text is
+    bracketed before rendering and tokenised as plain text; content without it renders and
+    tokenises exactly as before.
+    """
+
+    def __init__(self, template: ChatTemplate, control_texts: tuple[str, ...]) -> None:
+        self._template = template
+        self._controls = re.compile("|".join(map(re.escape, control_texts))) if control_texts else None
+
+    def segments(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+        quoted, marked = self._quote(messages)
+        text = self._template.render(quoted)
+        if not marked:
+            return [(text, True)]
+        out: list[tuple[str, bool]] = []
+        last = 0
+        for match in _QUOTED.finditer(text):
+            out.append((text[last : match.start()], True))
+            out.append((match.group(1), False))
+            last = match.end()
+        out.append((text[last:], True))
+        if any(_OPEN in t or _CLOSE in t for t, _ in out):  # the template cut into a bracketed span
+            raise InvalidGenerationRequest(
+                "message content spells the model's control tokens in a way this template cannot render safely"
+            )
+        return [(t, special) for t, special in out if t]
+
+    def _quote(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+        if self._controls is None:
+            return messages, False
+        out, marked = [], False
+        for message in messages:
+            message = _plain(message)
+            content = message["content"]
+            if isinstance(content, str) and (self._controls.search(content) or _OPEN in content or _CLOSE in content):
+                content = content.replace(_OPEN, "").replace(_CLOSE, "")
+                message = {**message, "content": self._controls.sub(lambda m: f"{_OPEN}{m.group(0)}{_CLOSE}", content)}
+                marked = True
+            out.append(message)
+        return out, marked
 
 
 def _plain(message: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import llama_cpp
 
 from ._batch_loop import BatchLoop, Sequence
-from ._chat_template import ChatTemplate
+from ._chat_template import ChatTemplate, PromptBuilder
 from ._embedder import Embedder
 from ._native import Model, new_context
 from ._sampler import JSON_OBJECT_GRAMMAR, build_sampler, json_schema_to_grammar
@@ -76,6 +76,7 @@ class LlamaEngine:
             bos_token=self._model.special_text(self._model.bos),
             eos_token=self._model.special_text(self._model.eos),
         )
+        self._prompts = PromptBuilder(self._template, self._model.control_texts)
         self._embedder = Embedder(self._model, n_ctx=n_ctx_per_slot, n_threads=threads) if embeddings else None
         self._loop = BatchLoop(
             self._model,
@@ -212,9 +213,10 @@ class LlamaEngine:
         return tokens
 
     def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self._template.render(messages)
-        tokens = self._model.tokenize(text, add_special=False, parse_special=True)
         model = self._model
+        tokens: list[int] = []
+        for text, special in self._prompts.segments(messages):
+            tokens += model.tokenize(text, add_special=False, parse_special=special)
         if model.add_bos and model.bos >= 0 and (not tokens or tokens[0] != model.bos):
             tokens.insert(0, model.bos)
         return tokens
