@@ -23,6 +23,7 @@ from runtime import (
     TokenEvent,
 )
 from runtime._chat_template import ChatTemplate
+from runtime._sampler import Sampler
 from runtime._text import TextAssembler
 from runtime.llama_engine import JSON_OBJECT_GRAMMAR, LlamaEngine, json_schema_to_grammar
 
@@ -142,6 +143,20 @@ def test_json_schema_grammar_output_matches_schema(engine: LlamaEngine) -> None:
     assert isinstance(data["name"], str) and len(data["name"]) <= 24
     assert isinstance(data["age"], int) and not isinstance(data["age"], bool)
     assert isinstance(data["pet"], bool)
+
+
+def test_greedy_grammar_shortcut_picks_the_same_tokens_as_masking_first(engine: LlamaEngine, monkeypatch) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}}, "required": ["city", "rank"]}
+    request = GenerationRequest(
+        max_tokens=48,
+        messages=chat("Name a big city and its rank as JSON."),
+        sampling=SamplingParams(temperature=0, grammar=json_schema_to_grammar(schema), repeat_penalty=1.1),
+    )
+    fast, _ = run(engine, request)
+    monkeypatch.setattr(Sampler, "_greedy_guess", lambda self, logits: -1)  # always mask the vocabulary first
+    slow, _ = run(engine, request)
+    assert fast == slow
+    assert set(json.loads(fast)) == {"city", "rank"}
 
 
 @pytest.mark.parametrize("grammar", ["root ::= (", 'start ::= "a"', "root ::= undefined-rule"])
