@@ -87,6 +87,17 @@ def test_unsupported_options_are_refused_not_ignored(server: Server) -> None:
         assert _assert_error(r, 400, "invalid_request_error")["param"] == param
 
 
+@pytest.mark.parametrize("field", ["tools", "metadata", "response_format"])
+def test_json_nested_beyond_the_decoder_is_400(server: Server, field: str) -> None:
+    depth = 100_000
+    deep = b'{"a":' * depth + b"1" + b"}" * depth
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "%s": %s}' % (MODEL_NAME.encode(), field.encode(), deep)
+    before = _store_counts(server)
+    r = _post(server, "/v1/chat/completions", key=server.user_key, content=body, headers={"content-type": "application/json"})
+    assert "nested too deeply" in _assert_error(r, 400, "invalid_request_error")["message"]
+    _only_an_audit_record_was_added(server, before, 400, "invalid_request_error")
+
+
 # No token spells a NUL character, so this schema's grammar dead-ends after the opening quote.
 NUL_SCHEMA = {"type": "json_schema", "json_schema": {"name": "nul", "schema": {"enum": ["\u0000"]}}}
 

@@ -108,6 +108,13 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     return _response(status, error_body(message, type_, code, param), headers)
 
 
+def handle_too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[bytes]:
+    """JSON nested deeper than the decoder recurses (litestar passes msgspec's RecursionError through)."""
+    _note_error(request, "invalid_request_error")
+    log.warning("refused a request nested too deeply on %s %s", request.method, request.url.path)
+    return _response(400, error_body("Request is nested too deeply.", "invalid_request_error", "invalid_request_error"))
+
+
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _response(
@@ -146,5 +153,6 @@ EXCEPTION_HANDLERS = {
     ApplianceError: handle_appliance_error,
     RuntimeFault: handle_runtime_error,
     HTTPException: handle_http_exception,
+    RecursionError: handle_too_deep,
     Exception: handle_unexpected,
 }
