@@ -15,10 +15,10 @@ import llama_cpp
 
 from ._native import Model
 from ._prefix_cache import Slot, SlotTable, common_prefix_len
-from ._sampler import GrammarDeadEnd, Sampler
+from ._sampler import Sampler
 from ._text import TextAssembler
 from .engine import Finished, FinishReason, TokenEvent
-from .errors import EngineOverloaded, EngineUnavailable, RuntimeFault
+from .errors import EngineOverloaded, EngineUnavailable, GrammarDeadEnd, RuntimeFault
 
 log = logging.getLogger(__name__)
 
