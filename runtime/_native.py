@@ -73,11 +73,17 @@ class Model:
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
-        self.eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
-        # Texts that tokenise to a control token only when special parsing is on (<|im_start|>...).
+        # One pass over the vocabulary: end-of-generation tokens, and the texts that tokenise to a
+        # control token only when special parsing is on (<|im_start|>...).
         parsed_only = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
-        controls = (t for t in range(self.n_vocab) if llama_cpp.llama_vocab_get_attr(self.vocab, t) & parsed_only)
-        self.control_texts = tuple(sorted({text for t in controls if (text := self.special_text(t))}, key=len, reverse=True))
+        eog, controls = set(), set()
+        for t in range(self.n_vocab):
+            if llama_cpp.llama_vocab_is_eog(self.vocab, t):
+                eog.add(t)
+            if llama_cpp.llama_vocab_get_attr(self.vocab, t) & parsed_only and (text := self.special_text(t)):
+                controls.add(text)
+        self.eog = frozenset(eog)
+        self.control_texts = tuple(sorted(controls, key=len, reverse=True))
         self._pieces: dict[int, bytes] = {}
         template = llama_cpp.llama_model_chat_template(self.ptr, None)
         self.chat_template = template.decode("utf-8", "replace") if template else None

@@ -90,7 +90,7 @@ class Sampler:
     the grammar masks the vocabulary first.
     """
 
-    __slots__ = ("chain", "grammar", "greedy", "_n_vocab", "_cur", "_view", "_array", "_one", "_one_array")
+    __slots__ = ("chain", "grammar", "greedy", "_n_vocab", "_ids", "_cur", "_view", "_array", "_one", "_one_array")
 
     def __init__(self, chain: int, grammar: int | None, n_vocab: int, *, greedy: bool = False) -> None:
         self.chain = chain
@@ -98,6 +98,7 @@ class Sampler:
         self.greedy = greedy
         self._n_vocab = n_vocab
         if grammar is not None:
+            self._ids = np.arange(n_vocab, dtype=np.int32)
             self._cur = (llama_cpp.llama_token_data * n_vocab)()
             self._view = np.frombuffer(self._cur, dtype=_TOKEN_DATA)
             self._array = llama_cpp.llama_token_data_array(self._cur, n_vocab, -1, False)
@@ -118,7 +119,7 @@ class Sampler:
 
     def _fill(self, logits: np.ndarray) -> Any:
         view, array = self._view, self._array
-        view["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        view["id"] = self._ids
         view["logit"] = logits
         view["p"] = 0.0
         array.data, array.size, array.selected, array.sorted = self._cur, self._n_vocab, -1, False
