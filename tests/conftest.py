@@ -134,5 +134,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterat
     admin_key = init_data_dir(data_dir, model_path)
     user = json.loads(run_cli("keys", "create", "--name", "staff-app", "--role", "user", "--json", data_dir=data_dir).stdout)
     proc, url, log_path = start_server(data_dir)
-    yield Server(url, data_dir, admin_key, user["key"], proc, log_path)
-    stop_server(proc)
+    shared = Server(url, data_dir, admin_key, user["key"], proc, log_path)
+    yield shared
+    stop_server(shared.process)  # a test may have restarted it: stop the one running now
