@@ -99,6 +99,14 @@ def _slot_order(seq: Sequence) -> int:
     return seq.slot.seq_id
 
 
+def _settle(future: concurrent.futures.Future, fn: Callable[[], Any]) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
@@ -140,6 +148,10 @@ class BatchLoop:
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        # Work that competes with decoding for the cores (embeddings): one item per step at
+        # most, and only while it has used no more decode-thread time than decoding has.
+        self._shared: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._shared_debt = 0.0
         self._dirty: list[Sequence] = []
         self._stopping = False
         self._avg_request_s = 2.0
@@ -184,14 +196,18 @@ class BatchLoop:
                 self._free_sampler(seq)
             self._cond.notify()
 
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run `fn` on the decode thread between two steps (for work that touches the context)."""
+    def call(self, fn: Callable[[], Any], *, shared: bool = False) -> concurrent.futures.Future:
+        """Run `fn` on the decode thread between two steps (for work that touches the context).
+
+        `shared` marks compute that competes with decoding, such as an embedding batch: while
+        sequences decode, such items take turns with decode steps, half the time each.
+        """
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._stopping:
                 future.set_exception(EngineUnavailable("engine is closed"))
                 return future
-            self._calls.append((fn, future))
+            (self._shared if shared else self._calls).append((fn, future))
             self._cond.notify()
         return future
 
@@ -212,6 +228,7 @@ class BatchLoop:
         try:
             while self._wait_for_work():
                 self._run_calls()
+                self._run_shared()
                 try:
                     self._step()
                 except Exception as exc:  # a bug or a llama.cpp failure: fail what runs, keep serving
@@ -229,7 +246,7 @@ class BatchLoop:
             while not self._stopping:
                 now = time.monotonic()
                 self._expire_waiting(now)
-                if self._calls or self._active or self._waiting:
+                if self._calls or self._shared or self._active or self._waiting:
                     break
                 self._flush()
                 self._cond.wait()  # idle: submit(), cancel(), call() and stop() notify
@@ -262,11 +279,17 @@ class BatchLoop:
         while self._calls:
             with self._cond:
                 fn, future = self._calls.popleft()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
+            _settle(future, fn)
+
+    def _run_shared(self) -> None:
+        if not self._shared or (self._active and self._shared_debt > 0):
+            return
+        with self._cond:
+            fn, future = self._shared.popleft()
+        t0 = time.perf_counter()
+        _settle(future, fn)
+        # Idle decoding owes nothing; otherwise decode steps pay this back before the next item.
+        self._shared_debt = time.perf_counter() - t0 if self._active else 0.0
 
     def _step(self) -> None:
         """One step: a token for every decoding sequence, then a chunk of waiting prompts.
@@ -300,6 +323,7 @@ class BatchLoop:
         elapsed = time.perf_counter() - t0
         self.steps += 1
         self.busy_seconds += elapsed
+        self._shared_debt -= elapsed
         n_tokens = batch.n_tokens
         watts = self.energy_watts
         ctx = self.ctx
@@ -537,7 +561,8 @@ class BatchLoop:
         with self._cond:
             self._stopping = True
             waiting, self._waiting = list(self._waiting), deque()
-            calls, self._calls = list(self._calls), deque()
+            calls, self._calls = list(self._calls) + list(self._shared), deque()
+            self._shared = deque()
         for seq in waiting:
             seq.state = "done"
             self._free_sampler(seq)

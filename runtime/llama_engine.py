@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -141,7 +142,12 @@ class LlamaEngine:
             raise EngineUnavailable(f"engine {self.name} does not serve embeddings")
         if self._closed:
             raise EngineUnavailable(f"engine {self.name} is closed")
-        return await asyncio.to_thread(self._embedder.embed, texts)
+        groups, n_tokens = self._embedder.plan(texts)
+        vectors: list[list[float]] = []
+        for group in groups:  # one group per call, so decode steps run in between
+            run = functools.partial(self._embedder.run, group)
+            vectors += await asyncio.wrap_future(self._loop.call(run, shared=True))
+        return Embeddings(vectors=vectors, prompt_tokens=n_tokens)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Tokens as the engine feeds them for a completion prompt (special-token text is parsed)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import uuid
 
 import pytest
@@ -357,3 +358,65 @@ def test_unloadable_files_raise_typed_errors(tmp_path, model_path: str) -> None:
         LlamaEngine(str(not_gguf), name="x")
     with pytest.raises(ModelLoadError):
         LlamaEngine(str(truncated), name="x")
+
+
+def test_embeddings_run_on_the_decode_thread_taking_turns_with_decode_steps(engine: LlamaEngine, monkeypatch) -> None:
+    # llama.cpp computes on OpenMP teams, one per calling thread; a second team on two cores made
+    # libgomp throttle both, and chat ran at half speed for good after one embeddings call.
+    import llama_cpp
+
+    calls: list[tuple[str, bool]] = []
+    real = llama_cpp.llama_decode
+    generation_ctx = engine._ctx
+
+    def recording(ctx, batch):
+        calls.append((threading.current_thread().name, ctx == generation_ctx))
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    story = GenerationRequest(max_tokens=200, messages=chat("Write a long story about owls."),
+                              sampling=SamplingParams(temperature=0))
+    texts = [f"Document {i} is about the quarterly staffing report." for i in range(20)]  # several groups
+
+    async def scenario() -> tuple[Finished, int]:
+        stream = asyncio.create_task(collect(engine, story))
+        while engine.stats().active_sequences == 0:
+            await asyncio.sleep(0.001)
+        vectors = (await engine.embed(texts)).vectors
+        _, finished = await stream
+        return finished, len(vectors)
+
+    finished, n_vectors = asyncio.run(scenario())
+    assert n_vectors == 20 and finished.completion_tokens == 200
+    assert {name for name, _ in calls} == {"decode-smol-test"}
+    embedding = [i for i, (_, generation) in enumerate(calls) if not generation]
+    assert len(embedding) >= 3
+    assert all(b - a > 1 for a, b in zip(embedding, embedding[1:], strict=False)), "decode steps run between embedding groups"
+
+
+def test_a_long_input_embedded_in_chunks_matches_one_pass(engine: LlamaEngine) -> None:
+    # Inputs longer than a chunk continue their sequence across llama_decode calls, so that
+    # llama.cpp never holds a row of logits for more than a chunk of tokens.
+    import llama_cpp
+
+    from runtime._native import new_context
+
+    topics = ["tax law", "volcanoes", "jazz", "payroll", "owls", "copper", "printers", "chess"]
+    text = " ".join(f"Note {i}: a paragraph about {topics[i % 8]} and why it matters." for i in range(45))
+    chunked = asyncio.run(engine.embed([text])).vectors[0]
+    model = engine._model
+    tokens = model.tokenize(text, add_special=True)
+    assert len(tokens) > 500 and len(tokens) % 64  # a short last chunk
+    ctx = new_context(model, n_ctx=1024, n_batch=1024, n_seq_max=1, n_threads=2, embeddings=True)
+    batch = llama_cpp.llama_batch_init(1024, 0, 1)
+    try:
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = token, i, 1, 0, 1
+        batch.n_tokens = len(tokens)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        whole = llama_cpp.llama_get_embeddings_seq(ctx, 0)[: model.n_embd]
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    norm = math.sqrt(sum(v * v for v in whole))
+    assert sum(a * b / norm for a, b in zip(chunked, whole, strict=True)) > 0.999999  # equal up to rounding
