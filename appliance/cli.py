@@ -15,7 +15,7 @@ from appliance.cli_support import audit_admin, data_dir_option, emit, handled, j
 from appliance.config import Settings, load_settings
 from appliance.logs import configure_logging
 from appliance.metering.cli import budgets, teams, usage
-from appliance.model_registry import ModelRegistry
+from appliance.model_registry import ModelRegistry, RegisteredModel
 from appliance.store import Store
 from runtime.model_file import sha256_file
 
@@ -32,12 +32,23 @@ port = 8080
 # n_threads = 2        # default: every core
 # slots = 8            # concurrent sequences per model
 # ctx_per_slot = 1024  # context window of each sequence (KV memory grows with slots x this)
+# weights = "auto"     # on CPUs, serve Q4_1/Q5_1 models re-encoded as Q8_0 (faster in batches); "original" to keep the file
 
 # [[models]]
 # name = "smollm2-135m-instruct"
 # slots = 8
 # n_gpu_layers = -1    # override the automatic GPU placement
 """
+
+
+def _prepare_weights(settings: Settings, record: RegisteredModel) -> dict[str, Any] | None:
+    """Build the model's CPU re-encoding now rather than at the first `serve` (see runtime/weights.py)."""
+    from appliance.engine_pool import prepare_weights  # deferred: loads llama.cpp
+
+    weights = prepare_weights(settings, record)
+    if weights is not None and weights.note:
+        click.echo(f"warning: {record.name} will be served as it is: {weights.note}", err=True)
+    return weights.to_dict() if weights is not None else None
 
 
 def _keys(settings: Settings, store: Store) -> KeyService:
@@ -78,6 +89,7 @@ def init(data_dir: Path | None, model_path: Path | None, model_name: str | None,
                 existing = registry.add(model_path, model_name)
                 audit_admin(settings, store, "models.add", existing.name, after=existing.to_dict())
             result["model"] = existing.name
+            result["weights"] = _prepare_weights(settings, existing)
     if as_json:
         emit(result)
         return
@@ -123,13 +135,16 @@ def models_add(path: Path, name: str | None, data_dir: Path | None, as_json: boo
     with opened(data_dir) as (settings, store):
         record = ModelRegistry(store, settings.paths.models).add(path, name)
         audit_admin(settings, store, "models.add", record.name, after=record.to_dict())
+        weights = _prepare_weights(settings, record)
     if as_json:
-        emit(record.to_dict())
+        emit({**record.to_dict(), "weights": weights})
     else:
         click.echo(
             f"registered {record.name}: {record.architecture}, {record.parameter_count:,} parameters, "
             f"{record.quantization}, context {record.context_length}, sha256 {record.sha256[:16]}…"
         )
+        if weights and weights["encoding"] != "original":
+            click.echo(f"served on this CPU as {weights['encoding']} (re-encoded once, sha256 {weights['sha256'][:16]}…)")
 
 
 @models.command("list")

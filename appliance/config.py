@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -16,6 +16,8 @@ from appliance.paths import DataPaths, default_data_dir
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Positive = Annotated[int, Meta(ge=1)]
+# "auto": on CPUs, serve Q4_1/Q5_1 files re-encoded as Q8_0, which ggml batches (runtime/weights.py).
+Weights = Literal["auto", "original"]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 
 
@@ -36,6 +38,7 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_batch: Positive = 512
     queue_limit: Positive = 64
     queue_timeout_seconds: PositiveFloat = 30.0
+    weights: Weights = "auto"
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -46,6 +49,7 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ctx_per_slot: Annotated[int, Meta(ge=128)] | None = None
     n_threads: Positive | None = None
     n_gpu_layers: Annotated[int, Meta(ge=-1)] | None = None
+    weights: Weights | None = None
     enabled: bool = True
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from appliance.config import Settings
 from appliance.model_registry import ModelRegistry, RegisteredModel
 from runtime.engine import Engine
-from runtime.errors import RuntimeFault
+from runtime.errors import ModelLoadError, RuntimeFault
 from runtime.gpu import choose_gpu_layers, discover_gpus
 from runtime.llama_engine import LlamaEngine
-from runtime.model_file import inspect_model
+from runtime.model_file import ModelInfo, inspect_model
+from runtime.weights import ServedWeights, original_weights, serve_weights
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,20 @@ def _load(settings: Settings, model: RegisteredModel, gpus: list) -> LlamaEngine
         override=per_model.n_gpu_layers,
         kv_bytes=info.kv_cache_bytes(slots * ctx),
     )
-    log.info("loading model %s (%s, %d slots x %d tokens, gpu layers %d)", model.name, info.quantization, slots, ctx, layers)
+    weights = served_weights(settings, model.name, info, on_gpu=layers != 0)
+    log.info(
+        "loading model %s (%s served as %s, %d slots x %d tokens, gpu layers %d)",
+        model.name,
+        info.quantization,
+        weights.encoding,
+        slots,
+        ctx,
+        layers,
+    )
     return LlamaEngine(
-        model.path,
+        weights.path,
         name=model.name,
+        weights=weights,
         n_ctx_per_slot=ctx,
         slots=slots,
         n_threads=per_model.n_threads or rt.n_threads,
@@ -89,3 +100,27 @@ def _load(settings: Settings, model: RegisteredModel, gpus: list) -> LlamaEngine
         queue_timeout_s=rt.queue_timeout_seconds,
         energy_watts=settings.costs.cpu_watts,
     )
+
+
+def served_weights(settings: Settings, name: str, info: ModelInfo, *, on_gpu: bool) -> ServedWeights:
+    """The file the engine for model `name` loads: `info`'s own, or its cached re-encoding.
+
+    A re-encoding that cannot be built (a full disk, say) costs speed, not the model: the
+    original is served and the reason shows in the engine's stats.
+    """
+    mode = settings.model_settings(name).weights or settings.runtime.weights
+    try:
+        return serve_weights(info, settings.paths.encoded_models, mode=mode, on_gpu=on_gpu)
+    except ModelLoadError as exc:
+        log.error("model %s: serving its file as it is: %s", name, exc)
+        return original_weights(info, note=str(exc))
+
+
+def prepare_weights(settings: Settings, model: RegisteredModel) -> ServedWeights | None:
+    """Build a CPU re-encoding at registration time, so the first `serve` starts at full speed.
+
+    Skipped (None) on a machine with a GPU, where `serve` decides per placement.
+    """
+    if discover_gpus():
+        return None
+    return served_weights(settings, model.name, inspect_model(Path(model.path), expected_sha256=model.sha256), on_gpu=False)

@@ -15,6 +15,7 @@ from appliance.errors import Conflict, InvalidRequest, NotFound
 from appliance.store import Store
 from runtime.errors import ModelFileError
 from runtime.model_file import ModelInfo, inspect_model
+from runtime.weights import remove_encoded
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
@@ -104,6 +105,8 @@ class ModelRegistry:
         path = Path(record.path)
         if path.parent == self._dir:
             path.unlink(missing_ok=True)
+        if self.find_by_sha256(record.sha256) is None:  # no other name serves the same file
+            remove_encoded(record.sha256, self._dir / "encoded")  # DataPaths.encoded_models
         return record
 
 

@@ -35,6 +35,11 @@ class DataPaths:
         return self.root / "models"
 
     @property
+    def encoded_models(self) -> Path:
+        """Re-encodings of registered models, derived from them and rebuilt when missing."""
+        return self.models / "encoded"
+
+    @property
     def keys(self) -> Path:
         return self.root / "keys"
 

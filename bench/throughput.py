@@ -9,6 +9,10 @@ plus the shared-system-prompt workload (16 requests with one ~780-token system p
 concurrency 8) on (b) and (c). For each: aggregate completion tokens/s, time to first token
 p50/p95, latency p95, errors and the server's peak RSS. Prints JSON.
 
+The appliance runs with its defaults, so on a CPU it serves the Q4_1 default model re-encoded
+as Q8_0 (runtime/weights.py); (a) and (c) load the registered file, or with
+`--peer-weights served` the appliance's re-encoding, so that all three run the same bytes.
+
 Both servers stay up for the whole run and each workload runs on one, then at once on the
 other, so the drift of a shared machine's speed lands on both sides of every ratio. The
 whole sequence repeats `--rounds` times; `median_targets` holds the median of each ratio.
@@ -191,6 +195,12 @@ def workloads(levels: list[int], requests: int, max_tokens: int, round_no: int) 
     return out
 
 
+def served_weights(url: str, key: str) -> dict:
+    """What the appliance loaded for the model (runtime/weights.py): encoding, path, sha256."""
+    models = httpx.get(url + "/admin/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    return models.json()["data"][0]["stats"]["extra"]["weights"]
+
+
 def engine_counters(server: Server) -> dict | None:
     """The appliance's own `llama_decode` counters (None for the peer, which has none)."""
     if server.name != "appliance":
@@ -299,19 +309,30 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="repeat every workload on every server; medians reported")
+    parser.add_argument(
+        "--peer-weights",
+        choices=["original", "served"],
+        default="original",
+        help="file for raw llama_cpp and the peer: the registered one, or the appliance's re-encoding of it",
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
     report: dict = {"model": args.model.name, "threads": args.threads, "max_tokens": args.max_tokens, "rounds": []}
-    llm = load_raw(args.model, args.threads)
     config = f"[runtime]\nn_threads = {args.threads}\nslots = {args.slots}\n"  # default ctx_per_slot
     app = start_appliance(args.model, port=18300, config=config)
     peer_proc = None
     try:
         report["appliance_idle_rss_mb"] = app.rss_mb()
+        weights = served_weights(app.url, app.key)
+        report["appliance_weights"] = weights
+        # (a) and (c) run the registered file unless told to run the appliance's re-encoding too.
+        other_model = Path(weights["path"]) if args.peer_weights == "served" else args.model
+        report["peer_and_raw_model_file"] = str(other_model)
+        llm = load_raw(other_model, args.threads)
         servers = [Server("appliance", app.url, app.key, app.process.pid)]
         if not args.skip_peer:
-            peer_proc, peer_url = start_peer(args.model, args.threads, 18301)
+            peer_proc, peer_url = start_peer(other_model, args.threads, 18301)
             servers.append(Server("llama_cpp_server", peer_url, "none", peer_proc.pid))
         for server in servers:  # warm-up: first request pays lazy initialisation
             run_workload(server, [chat_body(0, 8)], 1)

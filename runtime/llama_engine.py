@@ -24,6 +24,7 @@ from .engine import (
     GenerationRequest,
 )
 from .errors import ContextOverflow, EngineUnavailable, InvalidGenerationRequest
+from .weights import ServedWeights
 
 __all__ = ["JSON_OBJECT_GRAMMAR", "LlamaEngine", "json_schema_to_grammar"]
 
@@ -37,6 +38,9 @@ class LlamaEngine:
     `max_tokens` is taken as given: clamping it to the context window is the API layer's
     job; a request whose prompt plus `max_tokens` exceeds `n_ctx_per_slot` raises
     `ContextOverflow`.
+
+    `weights` says what `model_path` is (the registered file or a re-encoding of it, see
+    `runtime.weights`); the engine only reports it in `stats`.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class LlamaEngine:
         queue_timeout_s: float = 30.0,
         embeddings: bool = True,
         energy_watts: float = 0.0,
+        weights: ServedWeights | None = None,
     ) -> None:
         if slots < 1 or n_ctx_per_slot < 8 or n_batch < slots or queue_limit < 0:
             raise ValueError("need slots >= 1, n_ctx_per_slot >= 8, n_batch >= slots, queue_limit >= 0")
@@ -61,6 +66,7 @@ class LlamaEngine:
         self._slots = slots
         self._queue_limit = queue_limit
         self._n_gpu_layers = n_gpu_layers
+        self._weights = weights
         self._closed = False
         threads = n_threads or os.cpu_count() or 1
         self._model = Model(model_path, n_gpu_layers=n_gpu_layers)
@@ -184,6 +190,7 @@ class LlamaEngine:
                 "decode_steps": loop.steps,
                 "busy_slot_runs": loop.slots.runs(),  # llama.cpp micro-batches per decode step
                 "decode_busy_seconds": round(loop.busy_seconds, 3),
+                "weights": self._weights.to_dict() if self._weights else None,
             },
         )
 

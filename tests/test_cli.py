@@ -35,9 +35,19 @@ def test_models_add_list_remove(tmp_path: Path, model_path: Path) -> None:
     assert "tiny" in listing and "Q4_1" in listing
     dup = run_cli("models", "add", str(model_path), "--name", "tiny", data_dir=tmp_path, check=False)
     assert dup.returncode == 1 and "already registered" in dup.stderr
+    # On this CPU the Q4_1 file is served re-encoded as Q8_0, built once at registration.
+    weights = added["weights"]
+    assert weights["encoding"] == "q8_0" and weights["source_sha256"] == added["sha256"]
+    encoded = Path(weights["path"])
+    assert encoded.parent == (tmp_path / "models" / "encoded").resolve() and encoded.stat().st_size > 0
+    twin = json.loads(run_cli("models", "add", str(model_path), "--name", "twin", "--json", data_dir=tmp_path).stdout)
+    assert twin["weights"]["sha256"] == weights["sha256"]  # same file, same cached encoding
     run_cli("models", "remove", "tiny", data_dir=tmp_path)
+    assert encoded.exists()  # still serves "twin"
+    run_cli("models", "remove", "twin", data_dir=tmp_path)
     assert json.loads(run_cli("models", "list", "--json", data_dir=tmp_path).stdout) == []
     assert not list((tmp_path / "models").glob("*.gguf"))
+    assert not list((tmp_path / "models" / "encoded").iterdir())
 
 
 def test_bad_model_files_get_a_clear_error_and_leave_nothing(tmp_path: Path, model_path: Path) -> None:

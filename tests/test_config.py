@@ -50,6 +50,8 @@ def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
         ("", {"APPLIANCE_SERVER_PROT": "1"}, "APPLIANCE_SERVER_PROT: unknown setting server.prot"),
         ('[server]\nlog_level = "loud"\n', {}, "server.log_level: expected one of"),
         ('[[models]]\nname = "a"\n[[models]]\nname = "a"\n', {}, "distinct name"),
+        ('[runtime]\nweights = "fast"\n', {}, "runtime.weights: invalid enum value 'fast'"),
+        ('[[models]]\nname = "a"\nweights = 8\n', {}, "models[0].weights: expected str"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, toml: str, env: dict[str, str], expected: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -110,3 +111,38 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path, model_path: P
         conn.close()
         assert len(refused) == statuses.count(503) and all(b["error"] == "overloaded" for b in refused)
         assert usage_rows == statuses.count(200)  # a refusal costs nothing
+
+
+def test_the_default_model_is_served_re_encoded_and_says_so(server) -> None:
+    stats = _engine_stats(server.url, server.admin_key)
+    registered = json.loads(run_cli("models", "list", "--json", data_dir=server.data_dir).stdout)[0]
+    weights = stats["extra"]["weights"]
+    assert weights["encoding"] == "q8_0" and weights["note"] == ""
+    assert weights["source_sha256"] == registered["sha256"] != weights["sha256"]
+    assert Path(weights["path"]).parent == (server.data_dir / "models" / "encoded").resolve()
+
+
+def test_weights_original_serves_the_registered_file(tmp_path: Path, model_path: Path) -> None:
+    config = f'[runtime]\nslots = 2\n\n[[models]]\nname = "{MODEL_NAME}"\nweights = "original"\n'
+    with _serve(tmp_path, model_path, config) as (url, key):
+        weights = _engine_stats(url, key)["extra"]["weights"]
+        assert weights["encoding"] == "original" and weights["sha256"] == weights["source_sha256"]
+        assert Path(weights["path"]).parent == (tmp_path / "models").resolve()
+
+
+def test_a_re_encoding_that_cannot_be_built_costs_speed_not_the_model(tmp_path: Path, model_path: Path) -> None:
+    key = init_data_dir(tmp_path, model_path)
+    encoded = tmp_path / "models" / "encoded"
+    shutil.rmtree(encoded)
+    encoded.write_text("a file where the cache directory should be")
+    (tmp_path / "appliance.toml").write_text("[runtime]\nslots = 2\n")
+    proc, url, log_path = start_server(tmp_path)
+    try:
+        weights = _engine_stats(url, key)["extra"]["weights"]
+        assert weights["encoding"] == "original" and "cannot create" in weights["note"]
+        reply = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                           json=LONG | {"max_tokens": 4}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    finally:
+        stop_server(proc)
+    assert "serving its file as it is" in log_path.read_text()

@@ -22,10 +22,24 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def engine(model_path: str) -> Iterator[LlamaEngine]:  # noqa: F821
-    """Eight slots of 1024 tokens; tests that need other limits build their own engine."""
+def served_weights(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> ServedWeights:  # noqa: F821
+    """The default model as the appliance serves it on a CPU: re-encoded as Q8_0."""
+    from runtime.model_file import inspect_model
+    from runtime.weights import serve_weights
+
+    served = serve_weights(inspect_model(model_path), tmp_path_factory.mktemp("encoded"))
+    assert served.encoding == "q8_0"
+    return served
+
+
+@pytest.fixture(scope="session")
+def engine(served_weights: ServedWeights) -> Iterator[LlamaEngine]:  # noqa: F821
+    """Eight slots of 1024 tokens on the served weights; tests that need other limits, or the
+    registered Q4_1 file itself (`weights = "original"`), build their own engine."""
     from runtime.llama_engine import LlamaEngine
 
-    eng = LlamaEngine(model_path, name="smol-test", slots=8, n_ctx_per_slot=1024, energy_watts=10.0)
+    eng = LlamaEngine(
+        served_weights.path, name="smol-test", slots=8, n_ctx_per_slot=1024, energy_watts=10.0, weights=served_weights
+    )
     yield eng
     asyncio.run(eng.close())

@@ -45,7 +45,22 @@ async def wait_idle(engine: LlamaEngine, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_eight_concurrent_greedy_requests_match_each_run_alone(engine: LlamaEngine) -> None:
+@pytest.fixture(scope="module")
+def original_engine(model_path: str) -> Iterator[LlamaEngine]:
+    """The registered Q4_1 file as it is (`weights = "original"`): its matrix products take
+    ggml's per-column path, not tinyBLAS, so batch invariance is checked on it too."""
+    eng = LlamaEngine(model_path, name="smol-q4_1", slots=8, n_ctx_per_slot=1024)
+    yield eng
+    asyncio.run(eng.close())
+
+
+@pytest.fixture(params=["served", "original"])
+def either_engine(request: pytest.FixtureRequest) -> LlamaEngine:
+    return request.getfixturevalue("engine" if request.param == "served" else "original_engine")
+
+
+def test_eight_concurrent_greedy_requests_match_each_run_alone(either_engine: LlamaEngine) -> None:
+    engine = either_engine
     topics = ["volcanoes", "the moon", "bread", "chess", "rivers", "owls", "copper", "jazz"]
     reqs = [request(f"Tell me one fact about {t}.", max_tokens=32, sampling=GREEDY) for t in topics]
 

@@ -1,0 +1,202 @@
+"""What serving the default model re-encoded as Q8_0 (runtime/weights.py) buys and costs. Prints JSON.
+
+For the registered Q4_1 file and its Q8_0 re-encoding, in one run and with the same threads:
+
+- quality: perplexity over a fixed ~500-token English text, with the appliance's KV cache
+  types and, as a yardstick, with an F16/F16 cache on the Q4_1 file (what llama-cpp-python
+  uses by default); and how many of 16 greedy 128-token answers (the throughput benchmark's
+  prompts) come out identical, with the mean length of the common prefix where they differ,
+  next to the same comparison between an F16/F16 cache and the appliance's on the Q4_1 file;
+- speed: the bare low-level loop decoding 1 and 8 sequences (alternating files, `--rounds`);
+- size: of each file (the serving process maps it whole; bench/throughput.py reports RSS).
+
+    .venv/bin/python bench/weights.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llama_cpp  # noqa: E402
+from _common import DEFAULT_MODEL  # noqa: E402
+from throughput import TOPICS, batched_ceiling  # noqa: E402
+
+import runtime._native as native  # noqa: E402
+from runtime.engine import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
+from runtime.llama_engine import LlamaEngine  # noqa: E402
+from runtime.model_file import inspect_model  # noqa: E402
+from runtime.weights import serve_weights  # noqa: E402
+
+# Public-domain prose: the Gettysburg Address and the opening of A Tale of Two Cities.
+TEXT = """Four score and seven years ago our fathers brought forth on this continent, a new nation, \
+conceived in Liberty, and dedicated to the proposition that all men are created equal. Now we are \
+engaged in a great civil war, testing whether that nation, or any nation so conceived and so \
+dedicated, can long endure. We are met on a great battle-field of that war. We have come to \
+dedicate a portion of that field, as a final resting place for those who here gave their lives \
+that that nation might live. It is altogether fitting and proper that we should do this. But, in \
+a larger sense, we can not dedicate, we can not consecrate, we can not hallow this ground. The \
+brave men, living and dead, who struggled here, have consecrated it, far above our poor power to \
+add or detract. The world will little note, nor long remember what we say here, but it can never \
+forget what they did here. It is for us the living, rather, to be dedicated here to the unfinished \
+work which they who fought here have thus far so nobly advanced. It is rather for us to be here \
+dedicated to the great task remaining before us, that from these honored dead we take increased \
+devotion to that cause for which they gave the last full measure of devotion, that we here highly \
+resolve that these dead shall not have died in vain, that this nation, under God, shall have a new \
+birth of freedom, and that government of the people, by the people, for the people, shall not \
+perish from the earth.
+
+It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \
+foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of \
+Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair, we \
+had everything before us, we had nothing before us, we were all going direct to Heaven, we were \
+all going direct the other way. In short, the period was so far like the present period, that some \
+of its noisiest authorities insisted on its being received, for good or for evil, in the \
+superlative degree of comparison only. There were a king with a large jaw and a queen with a plain \
+face, on the throne of England; there were a king with a large jaw and a queen with a fair face, on \
+the throne of France. In both countries it was clearer than crystal to the lords of the State \
+preserves of loaves and fishes, that things in general were settled for ever."""
+
+
+def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> dict:
+    """exp(mean negative log-likelihood) of TEXT, every token predicted from all before it."""
+    saved = native._kv_types
+    if kv is not None:
+        native._kv_types = lambda gpu: kv
+    model = native.Model(path)
+    ctx = native.new_context(model, n_ctx=1024, n_batch=512, n_seq_max=1, n_threads=threads)
+    native._kv_types = saved
+    tokens = model.tokenize(TEXT, add_special=True)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    nll, counted = 0.0, 0
+    try:
+        for start in range(0, len(tokens), 512):
+            chunk = tokens[start : start + 512]
+            for i, tok in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = tok, start + i, 1, 0
+                batch.logits[i] = 1
+            batch.n_tokens = len(chunk)
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+            for i in range(len(chunk)):
+                nxt = start + i + 1
+                if nxt >= len(tokens):
+                    break
+                ptr = llama_cpp.llama_get_logits_ith(ctx, i)
+                logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (model.n_vocab,))
+                top = float(logits.max())
+                log_z = top + float(np.log(np.exp(logits - top).sum()))
+                nll += log_z - float(logits[tokens[nxt]])
+                counted += 1
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        model.free()
+    return {"tokens": counted, "perplexity": float(np.exp(nll / counted))}
+
+
+async def greedy_answers(path: str, threads: int, kv: tuple[int, int] | None = None) -> list[list[str]]:
+    saved = native._kv_types
+    if kv is not None:
+        native._kv_types = lambda gpu: kv
+    try:
+        engine = LlamaEngine(path, name="bench", slots=8, n_ctx_per_slot=1024, n_threads=threads, embeddings=False)
+    finally:
+        native._kv_types = saved
+    try:
+
+        async def one(topic: str) -> list[str]:
+            req = GenerationRequest(
+                max_tokens=128,
+                messages=[{"role": "user", "content": f"Write a long story about {topic}."}],
+                sampling=SamplingParams(temperature=0),
+            )
+            return [e.text async for e in engine.generate(req) if isinstance(e, TokenEvent)]
+
+        answers = [await one(topic) for topic in TOPICS]
+    finally:
+        await engine.close()
+    return answers
+
+
+def common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    info = inspect_model(args.model)
+    with tempfile.TemporaryDirectory(prefix="appliance-weights-") as cache:
+        served = serve_weights(info, Path(cache))
+        files = {"q4_1_original": info.path, "q8_0_served": served.path}
+        report: dict = {
+            "model": args.model.name,
+            "threads": args.threads,
+            "files": {
+                "q4_1_original": {"bytes": info.size_bytes, "sha256": info.sha256},
+                "q8_0_served": {"bytes": served.size_bytes, "sha256": served.sha256},
+            },
+        }
+        f16 = (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16)
+        report["perplexity"] = {
+            "q4_1_original_f16_kv": perplexity(info.path, args.threads, kv=f16),
+            **{f"{name}_appliance_kv": perplexity(path, args.threads) for name, path in files.items()},
+        }
+        answers = {f"{name}_appliance_kv": asyncio.run(greedy_answers(path, args.threads)) for name, path in files.items()}
+        answers["q4_1_original_f16_kv"] = asyncio.run(greedy_answers(info.path, args.threads, kv=f16))
+        # The yardstick: how far the appliance's own KV cache types already move greedy answers.
+        pairs = {
+            "weights_q4_1_vs_q8_0_appliance_kv": ("q4_1_original_appliance_kv", "q8_0_served_appliance_kv"),
+            "kv_f16_vs_appliance_on_q4_1": ("q4_1_original_f16_kv", "q4_1_original_appliance_kv"),
+        }
+        report["greedy_answers"] = {"prompts": len(TOPICS), "max_tokens": 128}
+        for label, (left, right) in pairs.items():
+            a, b = answers[left], answers[right]
+            differing = [common_prefix(x, y) for x, y in zip(a, b, strict=True) if x != y]
+            report["greedy_answers"][label] = {
+                "identical": len(a) - len(differing),
+                "mean_common_prefix_tokens_where_different": statistics.fmean(differing) if differing else None,
+            }
+        rounds = []
+        for _ in range(args.rounds):  # alternate, so drift lands on both
+            rounds.append(
+                {
+                    name: {
+                        "one_sequence_tokens_per_s": batched_ceiling(Path(path), args.threads, n_seq=1)["tokens_per_s"],
+                        "eight_sequences_tokens_per_s": batched_ceiling(Path(path), args.threads, n_seq=8)[
+                            "tokens_per_s"
+                        ],
+                    }
+                    for name, path in files.items()
+                }
+            )
+        report["bare_decode_rounds"] = rounds
+        report["bare_decode_median"] = {
+            name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]} for name in files
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""The weights an engine serves: the registered file, or a Q8_0 re-encoding of it for CPUs.
+
+ggml's CPU backend has batched matrix kernels (llamafile's tinyBLAS, or a repacked layout) for
+Q8_0, Q4_0, the K-quants and others, but none for Q4_1 or Q5_1: each output column of a
+batch is then a separate dot product, so decoding 8 sequences costs almost 8 times one.
+Re-encoding such a file into Q8_0 puts every batched matrix product on tinyBLAS. Q8_0's grid
+(255 levels per block of 32) is finer than Q4_1's (16) or Q5_1's (32), so each weight moves
+by at most 1/254 of its block's largest magnitude; `bench/weights.py` measures what that
+does to perplexity and to greedy answers.
+
+The re-encoding is llama.cpp's own quantiser (`llama_model_quantize`, what `llama-quantize`
+runs), in a child process so that a failure there cannot take the server down. It is written
+once, next to a JSON record of its source and its own sha256, and rehashed on every load,
+as the registered file is: a cached file that was changed or cut short is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from runtime.errors import ModelFileError, ModelLoadError
+from runtime.model_file import ModelInfo, inspect_model
+
+__all__ = [
+    "REENCODED_TYPES",
+    "ServedWeights",
+    "WeightsMode",
+    "encoding_for",
+    "original_weights",
+    "remove_encoded",
+    "serve_weights",
+]
+
+log = logging.getLogger(__name__)
+
+WeightsMode = Literal["auto", "original"]
+
+# File types with no batched CPU matrix kernel in ggml, served as Q8_0 under "auto".
+REENCODED_TYPES: frozenset[str] = frozenset({"Q4_1", "Q5_1"})
+
+# llama_ftype for the encodings this module writes.
+_FTYPES: dict[str, int] = {"q8_0": 7}
+_FORMAT = 1  # of the JSON record; bump to rebuild every cached file
+_GGML_LOG_LEVEL_ERROR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ServedWeights:
+    """What an engine loads. `encoding` is "original" when `path` is the registered file;
+    `note` says why a re-encoding that was due is not being served."""
+
+    path: str
+    sha256: str
+    encoding: str
+    source_sha256: str
+    size_bytes: int
+    note: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def encoding_for(info: ModelInfo, *, mode: WeightsMode, on_gpu: bool) -> str | None:
+    """The encoding to serve `info` in, or None to serve the file as it is.
+
+    GPU backends have batched kernels for every type, and a larger encoding would take VRAM
+    from the KV cache, so offloaded models keep their file.
+    """
+    if mode == "original" or on_gpu:
+        return None
+    return "q8_0" if info.quantization in REENCODED_TYPES else None
+
+
+def original_weights(info: ModelInfo, *, note: str = "") -> ServedWeights:
+    """The registered file itself."""
+    return ServedWeights(info.path, info.sha256, "original", info.sha256, info.size_bytes, note)
+
+
+def _llama_cpp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout without metadata
+        return "unknown"
+
+
+def _paths(info: ModelInfo, cache_dir: Path, encoding: str) -> tuple[Path, Path]:
+    stem = f"{info.sha256}.{encoding}"
+    return cache_dir / f"{stem}.gguf", cache_dir / f"{stem}.json"
+
+
+def serve_weights(
+    info: ModelInfo,
+    cache_dir: Path,
+    *,
+    mode: WeightsMode = "auto",
+    on_gpu: bool = False,
+    timeout_s: float = 600.0,
+) -> ServedWeights:
+    """The weights to load for `info` (already validated and hashed), building the cached
+    re-encoding when it is missing, stale or damaged.
+
+    Raises ModelLoadError when the re-encoding cannot be built; whether to serve the
+    original instead is the caller's decision.
+    """
+    encoding = encoding_for(info, mode=mode, on_gpu=on_gpu)
+    if encoding is None:
+        return original_weights(info)
+    dest, record_path = _paths(info, cache_dir, encoding)
+    cached = _load_cached(info, dest, record_path, encoding)
+    if cached is not None:
+        return cached
+    return _build(info, dest, record_path, encoding, timeout_s=timeout_s)
+
+
+def remove_encoded(source_sha256: str, cache_dir: Path) -> None:
+    """Delete every cached re-encoding of the file with this sha256 (after `models remove`)."""
+    for encoding in _FTYPES:
+        for suffix in (".gguf", ".json"):
+            (cache_dir / f"{source_sha256}.{encoding}{suffix}").unlink(missing_ok=True)
+
+
+def _load_cached(info: ModelInfo, dest: Path, record_path: Path, encoding: str) -> ServedWeights | None:
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        return None
+    if record.get("source_sha256") != info.sha256 or record.get("encoding") != encoding:
+        return None
+    if record.get("llama_cpp_python") != _llama_cpp_version():  # the quantiser may have changed
+        return None
+    expected = record.get("sha256")
+    try:
+        served = inspect_model(dest, expected_sha256=expected if isinstance(expected, str) else "")
+    except ModelFileError as exc:
+        log.warning("cached %s weights for %s are unusable (%s); rebuilding", encoding, info.path, exc)
+        return None
+    return ServedWeights(served.path, served.sha256, encoding, info.sha256, served.size_bytes)
+
+
+def _build(info: ModelInfo, dest: Path, record_path: Path, encoding: str, *, timeout_s: float) -> ServedWeights:
+    cache_dir = dest.parent
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot create {cache_dir} for re-encoded weights: {exc.strerror or exc}") from None
+    tmp = cache_dir / f".{dest.name}.{os.getpid()}.tmp"
+    log.info("re-encoding %s (%s) as %s for batched CPU kernels", info.path, info.quantization, encoding)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "runtime.weights", info.path, str(tmp), encoding],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, "PYTHONPATH": _import_root()},
+        )
+        if proc.returncode != 0:
+            tail = " ".join((proc.stderr or "").strip().splitlines()[-3:])
+            raise ModelLoadError(f"re-encoding {info.path} as {encoding} failed (exit {proc.returncode}): {tail}")
+        built = inspect_model(tmp)
+        expect = "Q8_0" if encoding == "q8_0" else encoding.upper()
+        if built.quantization != expect or built.architecture != info.architecture:
+            raise ModelLoadError(
+                f"re-encoding {info.path} produced {built.quantization} {built.architecture}, "
+                f"expected {expect} {info.architecture}"
+            )
+        _fsync(tmp)
+        os.replace(tmp, dest)
+        record = {
+            "format": _FORMAT,
+            "encoding": encoding,
+            "source": info.path,
+            "source_sha256": info.sha256,
+            "source_quantization": info.quantization,
+            "sha256": built.sha256,
+            "size_bytes": built.size_bytes,
+            "llama_cpp_python": _llama_cpp_version(),
+        }
+        record_tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+        record_tmp.write_text(json.dumps(record, indent=2) + "\n")
+        _fsync(record_tmp)
+        os.replace(record_tmp, record_path)
+        _fsync(cache_dir)
+    except subprocess.TimeoutExpired:
+        raise ModelLoadError(f"re-encoding {info.path} as {encoding} took longer than {timeout_s:.0f} s") from None
+    except ModelFileError as exc:
+        raise ModelLoadError(f"re-encoding {info.path} as {encoding} wrote an invalid file: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write re-encoded weights to {cache_dir}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("re-encoded %s: %d -> %d bytes, sha256 %s", info.path, info.size_bytes, built.size_bytes, built.sha256)
+    return ServedWeights(str(dest.resolve()), built.sha256, encoding, info.sha256, built.size_bytes)
+
+
+def _import_root() -> str:
+    root = str(Path(__file__).resolve().parent.parent)
+    extra = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{extra}" if extra else root
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _quantize(source: str, dest: str, encoding: str) -> int:
+    """Child-process side: run llama.cpp's quantiser, quietly. Returns an exit status."""
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def keep_errors(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level == _GGML_LOG_LEVEL_ERROR and text:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _FTYPES[encoding]
+    params.allow_requantize = True  # the source is already quantised; that is the point
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(source.encode(), dest.encode(), ctypes.byref(params))
+    if rc != 0:
+        sys.stderr.write(f"llama_model_quantize returned {rc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[3] not in _FTYPES:
+        sys.stderr.write(f"usage: python -m runtime.weights SOURCE DEST {{{','.join(_FTYPES)}}}\n")
+        sys.exit(2)
+    sys.exit(_quantize(sys.argv[1], sys.argv[2], sys.argv[3]))
