@@ -122,10 +122,15 @@ def serve_weights(
 
 
 def remove_encoded(source_sha256: str, cache_dir: Path) -> None:
-    """Delete every cached re-encoding of the file with this sha256 (after `models remove`)."""
+    """Delete every cached re-encoding of the file with this sha256 (after `models remove`).
+    A file that cannot be deleted is logged and left: it is derived data, rebuilt or ignored."""
     for encoding in _FTYPES:
         for suffix in (".gguf", ".json"):
-            (cache_dir / f"{source_sha256}.{encoding}{suffix}").unlink(missing_ok=True)
+            path = cache_dir / f"{source_sha256}.{encoding}{suffix}"
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not delete %s: %s", path, exc.strerror or exc)
 
 
 def _load_cached(info: ModelInfo, dest: Path, record_path: Path, encoding: str) -> ServedWeights | None:
@@ -154,6 +159,7 @@ def _build(info: ModelInfo, dest: Path, record_path: Path, encoding: str, *, tim
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelLoadError(f"cannot create {cache_dir} for re-encoded weights: {exc.strerror or exc}") from None
+    _remove_abandoned(cache_dir, dest.name)
     tmp = cache_dir / f".{dest.name}.{os.getpid()}.tmp"
     log.info("re-encoding %s (%s) as %s for batched CPU kernels", info.path, info.quantization, encoding)
     try:
@@ -201,6 +207,24 @@ def _build(info: ModelInfo, dest: Path, record_path: Path, encoding: str, *, tim
         tmp.unlink(missing_ok=True)
     log.info("re-encoded %s: %d -> %d bytes, sha256 %s", info.path, info.size_bytes, built.size_bytes, built.sha256)
     return ServedWeights(str(dest.resolve()), built.sha256, encoding, info.sha256, built.size_bytes)
+
+
+def _remove_abandoned(cache_dir: Path, name: str) -> None:
+    """Delete partial files left by builds whose process is gone (killed mid-build, say)."""
+    for leftover in cache_dir.glob(f".{name}.*.tmp"):
+        pid = leftover.name.removeprefix(f".{name}.").removesuffix(".tmp")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _import_root() -> str:

@@ -136,3 +136,15 @@ def test_remove_encoded_deletes_the_cached_files(info, tmp_path: Path) -> None:
     shutil.copyfile(info.path, other)
     remove_encoded(info.sha256, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["unrelated.gguf"]
+
+
+def test_a_build_killed_midway_leaves_nothing_that_outlives_the_next_build(info, tmp_path: Path) -> None:
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    leftover = tmp_path / f".{info.sha256}.q8_0.gguf.{gone.pid}.tmp"
+    leftover.write_bytes(b"GGUF" + b"\0" * 100)  # what a killed build leaves behind
+    served = serve_weights(info, tmp_path)
+    assert not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Path(served.path).name, f"{info.sha256}.q8_0.json"]
