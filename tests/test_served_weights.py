@@ -1,0 +1,44 @@
+"""Which file the engine pool loads for a registered model: the CPU re-encoding or the file itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import appliance.engine_pool as engine_pool
+from appliance.config import load_settings
+from appliance.model_registry import ModelRegistry
+from appliance.store import Store
+from runtime.gpu import GpuInfo
+from runtime.model_file import inspect_model
+
+
+@pytest.fixture()
+def registered(tmp_path: Path, model_path: Path):
+    settings = load_settings(tmp_path, env={})
+    settings.paths.ensure()
+    store = Store(settings.paths.database, backups_dir=settings.paths.backups).open()
+    try:
+        yield settings, ModelRegistry(store, settings.paths.models).add(model_path, "smol")
+    finally:
+        store.close()
+
+
+def test_registration_on_a_gpu_machine_builds_no_cpu_encoding(registered, monkeypatch) -> None:
+    settings, record = registered
+    monkeypatch.setattr(engine_pool, "discover_gpus", lambda: [GpuInfo(0, "fake", None, 24 << 30, 20 << 30, None, None, None)])
+    assert engine_pool.prepare_weights(settings, record) is None
+    assert not settings.paths.encoded_models.exists()
+
+
+def test_offloaded_or_opted_out_models_load_their_own_file(registered, tmp_path: Path) -> None:
+    settings, record = registered
+    info = inspect_model(record.path, expected_sha256=record.sha256)
+    on_gpu = engine_pool.served_weights(settings, "smol", info, on_gpu=True)
+    assert (on_gpu.encoding, on_gpu.path) == ("original", info.path)
+    (tmp_path / "appliance.toml").write_text('[[models]]\nname = "smol"\nweights = "original"\n')
+    opted_out = engine_pool.served_weights(load_settings(tmp_path, env={}), "smol", info, on_gpu=False)
+    assert (opted_out.encoding, opted_out.path) == ("original", info.path)
+    on_cpu = engine_pool.served_weights(settings, "smol", info, on_gpu=False)
+    assert on_cpu.encoding == "q8_0" and Path(on_cpu.path).parent == settings.paths.encoded_models.resolve()
