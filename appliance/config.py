@@ -6,18 +6,17 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from appliance.errors import ConfigError
 from appliance.paths import DataPaths, default_data_dir
+from runtime.weights import WeightsMode
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Positive = Annotated[int, Meta(ge=1)]
-# "auto": on CPUs, serve Q4_1/Q5_1 files re-encoded as Q8_0, which ggml batches (runtime/weights.py).
-Weights = Literal["auto", "original"]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 
 
@@ -38,7 +37,7 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_batch: Positive = 512
     queue_limit: Positive = 64
     queue_timeout_seconds: PositiveFloat = 30.0
-    weights: Weights = "auto"
+    weights: WeightsMode = "auto"  # on CPUs, Q4_1/Q5_1 served re-encoded as Q8_0 (runtime/weights.py)
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -49,7 +48,7 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ctx_per_slot: Annotated[int, Meta(ge=128)] | None = None
     n_threads: Positive | None = None
     n_gpu_layers: Annotated[int, Meta(ge=-1)] | None = None
-    weights: Weights | None = None
+    weights: WeightsMode | None = None
     enabled: bool = True
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +72,23 @@ the throne of France. In both countries it was clearer than crystal to the lords
 preserves of loaves and fishes, that things in general were settled for ever."""
 
 
-def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> dict:
-    """exp(mean negative log-likelihood) of TEXT, every token predicted from all before it."""
+@contextlib.contextmanager
+def kv_types(kv: tuple[int, int] | None) -> Iterator[None]:
+    """Contexts created inside get these (K, V) cache types instead of the appliance's."""
     saved = native._kv_types
     if kv is not None:
         native._kv_types = lambda gpu: kv
+    try:
+        yield
+    finally:
+        native._kv_types = saved
+
+
+def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> dict:
+    """exp(mean negative log-likelihood) of TEXT, every token predicted from all before it."""
     model = native.Model(path)
-    ctx = native.new_context(model, n_ctx=1024, n_batch=512, n_seq_max=1, n_threads=threads)
-    native._kv_types = saved
+    with kv_types(kv):
+        ctx = native.new_context(model, n_ctx=1024, n_batch=512, n_seq_max=1, n_threads=threads)
     tokens = model.tokenize(TEXT, add_special=True)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     nll, counted = 0.0, 0
@@ -107,13 +118,8 @@ def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> di
 
 
 async def greedy_answers(path: str, threads: int, kv: tuple[int, int] | None = None) -> list[list[str]]:
-    saved = native._kv_types
-    if kv is not None:
-        native._kv_types = lambda gpu: kv
-    try:
+    with kv_types(kv):
         engine = LlamaEngine(path, name="bench", slots=8, n_ctx_per_slot=1024, n_threads=threads, embeddings=False)
-    finally:
-        native._kv_types = saved
     try:
 
         async def one(topic: str) -> list[str]:

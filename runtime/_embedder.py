@@ -8,7 +8,6 @@ import threading
 import llama_cpp
 
 from ._native import Model, new_context
-from .engine import Embeddings
 from .errors import ContextOverflow, EngineUnavailable, InvalidGenerationRequest
 
 # Tokens per llama_decode. In embedding mode llama.cpp also computes and keeps a row of
@@ -62,11 +61,6 @@ class Embedder:
             if self._ctx is None:
                 self._open()
             return self._run(group)
-
-    def embed(self, texts: list[str]) -> Embeddings:
-        """`plan` and `run` in one call, on the calling thread (for callers that own no decode thread)."""
-        groups, n_tokens = self.plan(texts)
-        return Embeddings(vectors=[v for g in groups for v in self.run(g)], prompt_tokens=n_tokens)
 
     def _tokens(self, text: str) -> list[int]:
         tokens = self._model.tokenize(text, add_special=True)

@@ -174,7 +174,7 @@ def _build(info: ModelInfo, dest: Path, record_path: Path, encoding: str, *, tim
             tail = " ".join((proc.stderr or "").strip().splitlines()[-3:])
             raise ModelLoadError(f"re-encoding {info.path} as {encoding} failed (exit {proc.returncode}): {tail}")
         built = inspect_model(tmp)
-        expect = "Q8_0" if encoding == "q8_0" else encoding.upper()
+        expect = encoding.upper()
         if built.quantization != expect or built.architecture != info.architecture:
             raise ModelLoadError(
                 f"re-encoding {info.path} produced {built.quantization} {built.architecture}, "
