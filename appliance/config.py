@@ -18,6 +18,7 @@ from runtime.weights import WeightsMode
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Positive = Annotated[int, Meta(ge=1)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
+DraftTokens = Annotated[int, Meta(ge=0, le=8)]
 
 
 class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -38,6 +39,7 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     queue_limit: Positive = 64
     queue_timeout_seconds: PositiveFloat = 30.0
     weights: WeightsMode = "auto"  # on CPUs, Q4_1/Q5_1 served re-encoded as Q8_0 (runtime/weights.py)
+    draft_tokens: DraftTokens = 3  # most guessed tokens per sequence and decode step (runtime/_drafts.py); 0 = off
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -49,6 +51,7 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_threads: Positive | None = None
     n_gpu_layers: Annotated[int, Meta(ge=-1)] | None = None
     weights: WeightsMode | None = None
+    draft_tokens: DraftTokens | None = None
     enabled: bool = True
 
 

@@ -99,6 +99,7 @@ def _load(settings: Settings, model: RegisteredModel, gpus: list) -> LlamaEngine
         queue_limit=rt.queue_limit,
         queue_timeout_s=rt.queue_timeout_seconds,
         energy_watts=settings.costs.cpu_watts,
+        draft_tokens=rt.draft_tokens if per_model.draft_tokens is None else per_model.draft_tokens,
     )
 
 

@@ -5,8 +5,9 @@
   (c) llama-cpp-python's own server (`python -m llama_cpp.server`, from .bench-venv; run
       bench/setup_peer.sh first) with `--interrupt_requests False`, at the same levels;
 
-plus the shared-system-prompt workload (16 requests with one ~780-token system prompt at
-concurrency 8) on (b) and (c). For each: aggregate completion tokens/s, time to first token
+plus two workloads at concurrency 8 on (b) and (c): 16 requests sharing one ~780-token system
+prompt, and 16 requests whose answers copy from their prompts (correct or retitle a memo:
+where drafting by prompt lookup, runtime/_drafts.py, has the most to guess right). For each: aggregate completion tokens/s, time to first token
 p50/p95, latency p95, errors and the server's peak RSS. Prints JSON.
 
 The appliance runs with its defaults, so on a CPU it serves the Q4_1 default model re-encoded
@@ -17,7 +18,10 @@ Both servers stay up for the whole run and each workload runs on one, then at on
 other, so the drift of a shared machine's speed lands on both sides of every ratio. The
 whole sequence repeats `--rounds` times; `median_targets` holds the median of each ratio.
 
-    .venv/bin/python bench/throughput.py [--levels 1,4,8,16] [--requests 16] [--max-tokens 128] [--rounds 2]
+`--drafts-ab` adds a second appliance with `draft_tokens = 0`, run on every workload too, to
+show what drafting gives in the same minutes.
+
+    .venv/bin/python bench/throughput.py [--levels 1,4,8,16] [--requests 16] [--max-tokens 128] [--rounds 2] [--drafts-ab]
 """
 
 from __future__ import annotations
@@ -61,6 +65,36 @@ SYSTEM = "You are the help desk assistant of Example Ltd. Follow the policy belo
     f"escalate payroll questions to HR and security incidents to IT on extension {100 + i}."
     for i in range(1, 21)
 )
+
+
+MEMOS = [
+    "The quarterly report shows that revenue grew by twelve percent, driven mostly by the new subscription "
+    "plan. Costs rose by four percent because of hiring in the support team. The board approved the budget "
+    "for next year and asked for a review of the pricing in March.",
+    "Our office will be closed on Friday for maintenance of the heating system. Staff who need access to the "
+    "building should contact the facilities team before Thursday noon. The car park remains open, and "
+    "deliveries will be held at the front desk until Monday morning.",
+    "The new laptop policy requires every device to use full disk encryption and a password of at least "
+    "twelve characters. Lost devices must be reported to the IT desk within one hour. Personal software may "
+    "not be installed without approval from a team lead.",
+    "Patients should arrive fifteen minutes before their appointment and bring a list of current medicines. "
+    "If you cannot attend, please call the clinic at least one day in advance. Parking is free for the first "
+    "two hours in the visitor area behind the main building.",
+]
+EDITS = [
+    "Fix the grammar and repeat this text exactly otherwise: ",
+    "Rewrite this text in the same words, adding a title on top: ",
+]
+
+
+def copying_body(i: int, max_tokens: int, model: str = MODEL_NAME) -> dict:
+    content = EDITS[i % len(EDITS)] + MEMOS[i % len(MEMOS)]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
 
 
 def chat_body(i: int, max_tokens: int, *, system: str | bool = False, model: str = MODEL_NAME) -> dict:
@@ -192,22 +226,32 @@ def workloads(levels: list[int], requests: int, max_tokens: int, round_no: int) 
     out = {str(level): ([chat_body(i, max_tokens) for i in range(max(requests, level))], level) for level in levels}
     system = f"Round {round_no}. " + SYSTEM
     out["shared_system_prompt_c8"] = ([chat_body(i, max_tokens, system=system) for i in range(16)], 8)
+    out["copying_c8"] = ([copying_body(i, max_tokens) for i in range(16)], 8)
     return out
+
+
+def engine_extra(url: str, key: str) -> dict:
+    models = httpx.get(url + "/admin/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    return models.json()["data"][0]["stats"]["extra"]
 
 
 def served_weights(url: str, key: str) -> dict:
     """What the appliance loaded for the model (runtime/weights.py): encoding, path, sha256."""
-    models = httpx.get(url + "/admin/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
-    return models.json()["data"][0]["stats"]["extra"]["weights"]
+    return engine_extra(url, key)["weights"]
 
 
 def engine_counters(server: Server) -> dict | None:
     """The appliance's own `llama_decode` counters (None for the peer, which has none)."""
-    if server.name != "appliance":
+    if not server.name.startswith("appliance"):
         return None
-    models = httpx.get(server.url + "/admin/models", headers={"Authorization": f"Bearer {server.key}"}, timeout=10)
-    extra = models.json()["data"][0]["stats"]["extra"]
-    return {"calls": extra["decode_steps"], "busy_s": extra["decode_busy_seconds"]}
+    extra = engine_extra(server.url, server.key)
+    drafts = extra["drafts"]
+    return {
+        "calls": extra["decode_steps"],
+        "busy_s": extra["decode_busy_seconds"],
+        "drafted": drafts["drafted"],
+        "kept": drafts["kept"],
+    }
 
 
 def run_workload(server: Server, bodies: list[dict], concurrency: int) -> dict:
@@ -222,6 +266,10 @@ def run_workload(server: Server, bodies: list[dict], concurrency: int) -> dict:
             "calls": after["calls"] - before["calls"],
             "busy_s": busy,
             "share_of_wall": busy / result["wall_s"],
+        }
+        result["draft_tokens"] = {
+            "decoded": after["drafted"] - before["drafted"],
+            "kept": after["kept"] - before["kept"],
         }
     return result
 
@@ -290,12 +338,12 @@ def ratios(result: dict) -> dict:
         if "8" in app
         else None,
     }
-    peer = result.get("llama_cpp_server")
-    if peer:
-        for name in app:
-            out[f"{name}_vs_peer"] = app[name]["aggregate_tokens_per_s"] / max(
-                peer[name]["aggregate_tokens_per_s"], 1e-9
-            )
+    for other, suffix in (("llama_cpp_server", "peer"), ("appliance_no_drafts", "no_drafts")):
+        if other in result:
+            for name in app:
+                out[f"{name}_vs_{suffix}"] = app[name]["aggregate_tokens_per_s"] / max(
+                    result[other][name]["aggregate_tokens_per_s"], 1e-9
+                )
     return out
 
 
@@ -315,13 +363,14 @@ def main() -> None:
         default="original",
         help="file for raw llama_cpp and the peer: the registered one, or the appliance's re-encoding of it",
     )
+    parser.add_argument("--drafts-ab", action="store_true", help="also run an appliance with draft_tokens = 0")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
     report: dict = {"model": args.model.name, "threads": args.threads, "max_tokens": args.max_tokens, "rounds": []}
     config = f"[runtime]\nn_threads = {args.threads}\nslots = {args.slots}\n"  # default ctx_per_slot
     app = start_appliance(args.model, port=18300, config=config)
-    peer_proc = None
+    peer_proc = plain = None
     try:
         report["appliance_idle_rss_mb"] = app.rss_mb()
         weights = served_weights(app.url, app.key)
@@ -331,6 +380,9 @@ def main() -> None:
         report["peer_and_raw_model_file"] = str(other_model)
         llm = load_raw(other_model, args.threads)
         servers = [Server("appliance", app.url, app.key, app.process.pid)]
+        if args.drafts_ab:
+            plain = start_appliance(args.model, port=18302, config=config + "draft_tokens = 0\n")
+            servers.append(Server("appliance_no_drafts", plain.url, plain.key, plain.process.pid))
         if not args.skip_peer:
             peer_proc, peer_url = start_peer(other_model, args.threads, 18301)
             servers.append(Server("llama_cpp_server", peer_url, "none", peer_proc.pid))
@@ -340,8 +392,11 @@ def main() -> None:
             result = run_round(servers, llm, args, levels, round_no)
             result["targets"] = ratios(result)
             report["rounds"].append(result)
+        report["appliance_drafts"] = engine_extra(app.url, app.key)["drafts"]
     finally:
         app.stop()
+        if plain is not None:
+            plain.stop()
         if peer_proc is not None:
             peer_proc.terminate()
             peer_proc.wait(30)

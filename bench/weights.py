@@ -10,7 +10,12 @@ For the registered Q4_1 file and its Q8_0 re-encoding, in one run and with the s
 - speed: the bare low-level loop decoding 1 and 8 sequences (alternating files, `--rounds`);
 - size: of each file (the serving process maps it whole; bench/throughput.py reports RSS).
 
-    .venv/bin/python bench/weights.py [--rounds 3]
+    .venv/bin/python bench/weights.py [--rounds 3] [--alternatives]
+
+`--alternatives` also re-quantizes the registered file to Q6_K, Q5_0, Q4_K_S, Q4_0 and IQ4_NL
+and reports, for each and for the Q8_0 re-encoding, the mean KL divergence of its next-token
+distributions from the registered file's, how often the top token agrees, perplexity, and
+the bare 8-sequence decode speed: what a faster batched kernel would cost in fidelity.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import ctypes
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -84,14 +90,15 @@ def kv_types(kv: tuple[int, int] | None) -> Iterator[None]:
         native._kv_types = saved
 
 
-def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> dict:
-    """exp(mean negative log-likelihood) of TEXT, every token predicted from all before it."""
+def next_token_logprobs(path: str, threads: int, kv: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities of every next token over TEXT (one row per position, each predicted
+    from all before it), and the tokens that actually follow."""
     model = native.Model(path)
     with kv_types(kv):
         ctx = native.new_context(model, n_ctx=1024, n_batch=512, n_seq_max=1, n_threads=threads)
     tokens = model.tokenize(TEXT, add_special=True)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
-    nll, counted = 0.0, 0
+    rows: list[np.ndarray] = []
     try:
         for start in range(0, len(tokens), 512):
             chunk = tokens[start : start + 512]
@@ -101,20 +108,64 @@ def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> di
             batch.n_tokens = len(chunk)
             assert llama_cpp.llama_decode(ctx, batch) == 0
             for i in range(len(chunk)):
-                nxt = start + i + 1
-                if nxt >= len(tokens):
+                if start + i + 1 >= len(tokens):
                     break
                 ptr = llama_cpp.llama_get_logits_ith(ctx, i)
                 logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (model.n_vocab,))
-                top = float(logits.max())
-                log_z = top + float(np.log(np.exp(logits - top).sum()))
-                nll += log_z - float(logits[tokens[nxt]])
-                counted += 1
+                shifted = logits.astype(np.float64) - float(logits.max())
+                rows.append((shifted - np.log(np.exp(shifted).sum())).astype(np.float32))
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
         model.free()
-    return {"tokens": counted, "perplexity": float(np.exp(nll / counted))}
+    return np.stack(rows), np.array(tokens[1:])
+
+
+def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> dict:
+    """exp(mean negative log-likelihood) of TEXT, every token predicted from all before it."""
+    logprobs, targets = next_token_logprobs(path, threads, kv)
+    nll = -float(logprobs[np.arange(len(targets)), targets].astype(np.float64).mean())
+    return {"tokens": len(targets), "perplexity": float(np.exp(nll))}
+
+
+# Encodings llama.cpp could re-quantize the registered file to (llama_ftype numbers), for
+# `--alternatives`: faster batched kernels, at what cost in fidelity to the registered file.
+ALTERNATIVES = {"q6_k": 18, "q5_0": 8, "q4_k_s": 14, "q4_0": 2, "iq4_nl": 25}
+
+
+def fidelity(reference: tuple[np.ndarray, np.ndarray], path: str, threads: int) -> dict:
+    """Mean KL divergence from the reference's next-token distributions, top-1 agreement, perplexity."""
+    ref, targets = reference
+    other, _ = next_token_logprobs(path, threads)
+    kl = (np.exp(ref.astype(np.float64)) * (ref.astype(np.float64) - other)).sum(axis=1)
+    return {
+        "mean_kl_vs_registered": float(kl.mean()),
+        "top1_agreement": float((ref.argmax(axis=1) == other.argmax(axis=1)).mean()),
+        "perplexity": float(np.exp(-other[np.arange(len(targets)), targets].astype(np.float64).mean())),
+    }
+
+
+def quantize_copy(source: str, dest: Path, ftype: int) -> None:
+    """llama.cpp's own quantizer in a child process (it may abort on odd tensor shapes)."""
+    code = (
+        "import sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+        "p.ftype = int(sys.argv[3]); p.allow_requantize = True; "
+        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))"
+    )
+    subprocess.run([sys.executable, "-c", code, source, str(dest), str(ftype)], check=True, capture_output=True)
+
+
+def alternatives(info, served_path: str, cache: Path, threads: int) -> dict:
+    reference = next_token_logprobs(info.path, threads)
+    out = {"q8_0_served": {**fidelity(reference, served_path, threads)}}
+    paths = {"q8_0_served": served_path}
+    for name, ftype in ALTERNATIVES.items():
+        paths[name] = str(cache / f"{name}.gguf")
+        quantize_copy(info.path, Path(paths[name]), ftype)
+        out[name] = fidelity(reference, paths[name], threads)
+    for name, path in paths.items():
+        out[name]["eight_sequences_tokens_per_s"] = batched_ceiling(Path(path), threads, n_seq=8)["tokens_per_s"]
+    return out
 
 
 async def greedy_answers(path: str, threads: int, kv: tuple[int, int] | None = None) -> list[list[str]]:
@@ -150,6 +201,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--alternatives", action="store_true", help="also: other encodings' fidelity to the registered file, and speed"
+    )
     args = parser.parse_args()
 
     info = inspect_model(args.model)
@@ -201,6 +255,8 @@ def main() -> None:
         report["bare_decode_median"] = {
             name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]} for name in files
         }
+        if args.alternatives:
+            report["alternatives"] = alternatives(info, served.path, Path(cache), args.threads)
     print(json.dumps(report, indent=2))
 
 

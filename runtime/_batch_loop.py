@@ -13,6 +13,7 @@ from typing import Any
 
 import llama_cpp
 
+from ._drafts import DraftPolicy, PromptLookup
 from ._native import Model
 from ._prefix_cache import Slot, SlotTable, common_prefix_len
 from ._sampler import Sampler
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 # A queued sequence whose prompt shares this many more tokens with a prompt still being
 # prefilled than with any KV already computed waits a step, then copies that KV instead.
 _DEFER_MIN_TOKENS = 16
+# Undrafted steps of one sequence still guess (and check the guess) every this many steps,
+# to keep the hit rate measured; every step would cost one stream about 1% of its speed.
+# Wider steps guess every time: each sequence's own hit rate counts in the choice.
+_SHADOW_EVERY = 4
+_SEQ_HIT_WEIGHT = 0.1  # EWMA weight of one of a sequence's own guesses
 
 
 class Sequence:
@@ -58,6 +64,10 @@ class Sequence:
         "energy_joules",
         "outbox",
         "emitted",
+        "lookup",
+        "drafts",
+        "guess",
+        "hit_rate",
     )
 
     def __init__(
@@ -93,6 +103,10 @@ class Sequence:
         self.energy_joules = 0.0
         self.outbox: list[Any] = []
         self.emitted = False
+        self.lookup: PromptLookup | None = None  # built at the first decode step when drafting is on
+        self.drafts: list[int] = []  # draft tokens in the rows after `pending` this step
+        self.guess = -1  # the depth-1 guess, drafted or not (to measure how often guesses are right)
+        self.hit_rate = -1.0  # how often this sequence's depth-1 guesses are right (-1: not seen yet)
 
 
 def _slot_order(seq: Sequence) -> int:
@@ -126,6 +140,7 @@ class BatchLoop:
         queue_limit: int,
         queue_timeout_s: float,
         energy_watts: float,
+        drafts: DraftPolicy | None = None,
     ) -> None:
         self.model = model
         self.ctx = ctx
@@ -136,10 +151,14 @@ class BatchLoop:
         self.queue_timeout_s = queue_timeout_s
         self.energy_watts = energy_watts
         self.slots = SlotTable(n_slots)
+        self.drafts = drafts or DraftPolicy(0, max_rows=n_batch)
         self.tokens_generated = 0
         self.requests_served = 0
         self.prompt_tokens_cached = 0
         self.steps = 0
+        self.slots_moved = 0
+        self._copying = False  # a stream copy is queued: the next llama_decode also performs it
+        self._last_shape: tuple[int, int] | None = None  # (sequences, rows each) of the last decode step
         self.busy_seconds = 0.0  # inside llama_decode
         self.failure: str | None = None
         self._mem = llama_cpp.llama_get_memory(ctx)
@@ -301,16 +320,44 @@ class BatchLoop:
         """
         for seq in [s for s in self._active if s.cancelled]:
             self._retire(seq, clear_kv=True)
+        self._compact()
         decoding = sorted((s for s in self._active if s.pending >= 0), key=_slot_order)
         if decoding:
-            self._decode(self._fill_decode(decoding))
+            k = 0
+            if self.drafts.enabled:
+                room = min(s.max_tokens - s.completion_tokens - 1 for s in decoding)
+                overall = self.drafts.first_hit_rate
+                first = sum(s.hit_rate if s.hit_rate >= 0 else overall for s in decoding) / len(decoding)
+                k = self.drafts.choose(len(decoding), room, first)
+            self._decode(self._fill_decode(decoding, k), decode_step=True)
             self._flush()  # the streams' tokens go out now, not after the prompt chunk
         budget = self.busy_prefill_chunk if decoding else self.n_batch
         prefilling = self._fill_prefill(budget)
         if prefilling:
             self._decode(prefilling)
 
-    def _decode(self, participants: list[Sequence]) -> None:
+    def _compact(self) -> None:
+        """Close gaps between busy slots: move the sequence in the highest busy slot to the
+        lowest free one. Every run of consecutive busy slots costs llama.cpp a pass over the
+        weights (6 or 7 sequences with a gap: 33 ms a step, against 22 ms for 8 in one run),
+        and a stream copy costs about a millisecond. Only with nobody waiting: otherwise a new
+        request is about to fill the gap (`_wait_for_work` admits before every step)."""
+        if self._waiting:
+            return
+        while (gap := self.slots.gap()) is not None:
+            src, dst = gap
+            seq = next(s for s in self._active if s.slot is src)
+            if seq.started:  # its KV follows it; a sequence not yet prefilled just changes slot
+                llama_cpp.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self._mem, src.seq_id, dst.seq_id, -1, -1)
+                self._copying = True
+                self.slots.move(src, dst)
+            else:
+                dst.busy, src.busy = True, False
+            seq.slot = dst
+            self.slots_moved += 1
+
+    def _decode(self, participants: list[Sequence], *, decode_step: bool = False) -> None:
         """Run the filled batch, then account the time and sample for every row that wants logits."""
         batch = self._batch
         t0 = time.perf_counter()
@@ -325,18 +372,25 @@ class BatchLoop:
         self.busy_seconds += elapsed
         self._shared_debt -= elapsed
         n_tokens = batch.n_tokens
+        shape = (len(participants), n_tokens // len(participants)) if decode_step else None
+        # Only a step shaped like the call before it is timed: llama.cpp rebuilds its graph when
+        # the shape changes, so the first step of a shape is slower, and a step that also
+        # copied a KV stream did more than decode.
+        if shape is not None and shape == self._last_shape and not self._copying:
+            self.drafts.record_step(*shape, elapsed)
+        self._last_shape = shape
+        self._copying = False
         watts = self.energy_watts
         ctx = self.ctx
         for seq in participants:
-            share = elapsed * (seq.chunk or 1) / n_tokens
+            share = elapsed * (seq.chunk or 1 + len(seq.drafts)) / n_tokens
             seq.compute_seconds += share
             seq.energy_joules += share * watts
-            if seq.chunk:
-                seq.slot.tokens.extend(seq.tokens[seq.n_past : seq.n_past + seq.chunk])
-                seq.n_past += seq.chunk
-            else:
-                seq.slot.tokens.append(seq.pending)
-                seq.n_past += 1
+            if not seq.chunk:
+                self._advance(seq)
+                continue
+            seq.slot.tokens.extend(seq.tokens[seq.n_past : seq.n_past + seq.chunk])
+            seq.n_past += seq.chunk
             if seq.out_index >= 0:
                 try:
                     token = seq.sampler.sample(ctx, seq.out_index)
@@ -345,19 +399,65 @@ class BatchLoop:
                     continue
                 self._on_token(seq, token)
 
-    def _fill_decode(self, decoding: list[Sequence]) -> list[Sequence]:
-        """One row per decoding sequence, in seq_id order."""
+    def _advance(self, seq: Sequence) -> None:
+        """Sample a decoding sequence's row, then its draft rows for as long as each draft
+        equals the token just sampled (see `_drafts`); drop the KV of the drafts that were not."""
+        seq.slot.tokens.append(seq.pending)
+        seq.n_past += 1
+        drafts, policy = seq.drafts, self.drafts
+        kept = 0
+        for i in range(len(drafts) + 1):
+            try:
+                token = seq.sampler.sample(self.ctx, seq.out_index + i)
+            except GrammarDeadEnd as exc:
+                self._fail(seq, exc)
+                break
+            guess = drafts[i] if i < len(drafts) else seq.guess if i == 0 else -1
+            if guess >= 0:
+                hit = token == guess
+                policy.record_guess(i + 1, hit)
+                if i == 0:
+                    rate = seq.hit_rate if seq.hit_rate >= 0 else policy.first_hit_rate
+                    seq.hit_rate = rate + _SEQ_HIT_WEIGHT * (hit - rate)
+            self._on_token(seq, token)
+            if seq.state == "done" or i == len(drafts) or token != drafts[i]:
+                break
+            seq.slot.tokens.append(token)  # the draft row already holds this token's KV
+            seq.n_past += 1
+            kept += 1
+        if drafts:
+            policy.record_drafts(len(drafts), kept)
+            llama_cpp.llama_memory_seq_rm(self._mem, seq.slot.seq_id, seq.n_past, -1)
+            seq.drafts = []
+
+    def _fill_decode(self, decoding: list[Sequence], k: int) -> list[Sequence]:
+        """A row per decoding sequence, then its `k` draft rows, in seq_id order."""
         batch = self._batch
         tok, pos, nseq, sid, want = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
-        for n, seq in enumerate(decoding):
-            tok[n] = seq.pending
-            pos[n] = seq.n_past
-            nseq[n] = 1
-            sid[n][0] = seq.slot.seq_id
-            want[n] = 1
+        indexing = self.drafts.enabled
+        guessing = k > 0 or (indexing and (len(decoding) > 1 or self.steps % _SHADOW_EVERY == 0))
+        n = 0
+        for seq in decoding:
             seq.out_index = n
             seq.chunk = 0
-        batch.n_tokens = len(decoding)
+            row = [seq.pending]
+            if indexing and seq.lookup is None:
+                seq.lookup = PromptLookup(seq.tokens + row)
+            seq.guess = -1
+            if guessing:
+                guesses = seq.lookup.propose(max(k, 1))
+                seq.guess = guesses[0]
+                seq.drafts = guesses[:k]
+                row += seq.drafts
+            seq_id, start = seq.slot.seq_id, seq.n_past
+            for j, token in enumerate(row):
+                tok[n] = token
+                pos[n] = start + j
+                nseq[n] = 1
+                sid[n][0] = seq_id
+                want[n] = 1
+                n += 1
+        batch.n_tokens = n
         return decoding
 
     def _fill_prefill(self, budget: int) -> list[Sequence]:
@@ -419,6 +519,7 @@ class BatchLoop:
             # itself happens at the next llama_decode, the trim is bookkeeping on the cells.
             llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
             llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, slot.seq_id, -1, -1)
+            self._copying = True
             slot.tokens = list(donor.tokens)
             own = n_donor
         if llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, own, -1):
@@ -441,6 +542,8 @@ class BatchLoop:
             return
         seq.completion_tokens += 1
         self.tokens_generated += 1
+        if seq.lookup is not None:
+            seq.lookup.push(token)
         text, stopped = seq.text.push(self.model.piece(token))
         if stopped:
             if text:

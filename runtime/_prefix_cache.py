@@ -66,6 +66,22 @@ class SlotTable:
     def release(self, slot: Slot) -> None:
         slot.busy = False
 
+    def gap(self) -> tuple[Slot, Slot] | None:
+        """(highest busy slot, lowest free slot below it), or None when the busy slots are one run from 0."""
+        free = next((s for s in self.slots if not s.busy), None)
+        busy = next((s for s in reversed(self.slots) if s.busy), None)
+        if free is None or busy is None or free.seq_id > busy.seq_id:
+            return None
+        return busy, free
+
+    def move(self, src: Slot, dst: Slot) -> None:
+        """Hand `src`'s occupant to free slot `dst`, whose KV now holds a copy of `src`'s;
+        `src` keeps its tokens as an idle prefix cache."""
+        dst.tokens = list(src.tokens)
+        dst.busy, src.busy = True, False
+        self._clock += 1
+        dst.last_used = self._clock
+
     def best_donor(self, prompt: list[int]) -> tuple[Slot | None, int]:
         """The slot (busy or not) holding the longest prefix of `prompt`, and that length."""
         best, best_n = None, 0

@@ -12,6 +12,7 @@ import llama_cpp
 
 from ._batch_loop import BatchLoop, Sequence
 from ._chat_template import ChatTemplate, PromptBuilder
+from ._drafts import DraftPolicy
 from ._embedder import Embedder
 from ._native import Model, new_context
 from ._sampler import JSON_OBJECT_GRAMMAR, build_sampler, json_schema_to_grammar
@@ -41,6 +42,10 @@ class LlamaEngine:
 
     `weights` says what `model_path` is (the registered file or a re-encoding of it, see
     `runtime.weights`); the engine only reports it in `stats`.
+
+    `draft_tokens` caps the guessed tokens a sequence may add to a decode step (speculative
+    decoding by prompt lookup, see `runtime._drafts`; 0 turns it off). How many it adds is
+    measured as it runs, unless `always_draft` fixes it at the cap. Answers are the same either way.
     """
 
     def __init__(
@@ -58,9 +63,19 @@ class LlamaEngine:
         embeddings: bool = True,
         energy_watts: float = 0.0,
         weights: ServedWeights | None = None,
+        draft_tokens: int = 3,
+        always_draft: bool = False,
     ) -> None:
-        if slots < 1 or n_ctx_per_slot < 8 or n_batch < slots or queue_limit < 0:
-            raise ValueError("need slots >= 1, n_ctx_per_slot >= 8, n_batch >= slots, queue_limit >= 0")
+        if slots < 1 or n_ctx_per_slot < 8 or n_batch < slots or queue_limit < 0 or draft_tokens < 0:
+            raise ValueError(
+                "need slots >= 1, n_ctx_per_slot >= 8, n_batch >= slots, queue_limit >= 0, draft_tokens >= 0"
+            )
+        # A drafted step has at most twice as many rows as there are slots: wider ones cost more
+        # than they bring here, and each row's logits and activations add to peak RSS (8 x 4
+        # rows took the default model's server from 394 to 404 MB).
+        drafts = DraftPolicy(
+            draft_tokens, max_rows=min(n_batch, 2 * slots), fixed=draft_tokens if always_draft else None
+        )
         self.name = name
         self.context_length = n_ctx_per_slot
         self._slots = slots
@@ -94,6 +109,7 @@ class LlamaEngine:
             queue_limit=queue_limit,
             queue_timeout_s=queue_timeout_s,
             energy_watts=energy_watts,
+            drafts=drafts,
         )
 
     @classmethod
@@ -189,8 +205,10 @@ class LlamaEngine:
                 "prompt_tokens_cached": loop.prompt_tokens_cached,
                 "decode_steps": loop.steps,
                 "busy_slot_runs": loop.slots.runs(),  # llama.cpp micro-batches per decode step
+                "slots_moved": loop.slots_moved,  # sequences moved to close gaps between busy slots
                 "decode_busy_seconds": round(loop.busy_seconds, 3),
                 "weights": self._weights.to_dict() if self._weights else None,
+                "drafts": loop.drafts.snapshot(),
             },
         )
 

@@ -52,6 +52,8 @@ def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
         ('[[models]]\nname = "a"\n[[models]]\nname = "a"\n', {}, "distinct name"),
         ('[runtime]\nweights = "fast"\n', {}, "runtime.weights: invalid enum value 'fast'"),
         ('[[models]]\nname = "a"\nweights = 8\n', {}, "models[0].weights: expected str"),
+        ("[runtime]\ndraft_tokens = -1\n", {}, "runtime.draft_tokens: expected int >= 0"),
+        ('[[models]]\nname = "a"\ndraft_tokens = 99\n', {}, "models[0].draft_tokens: expected int <= 8"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, toml: str, env: dict[str, str], expected: str) -> None:
@@ -67,3 +69,11 @@ def test_per_model_overrides(tmp_path: Path) -> None:
     assert settings.model_settings("m").slots == 2
     assert settings.model_settings("m").n_gpu_layers == 10
     assert settings.model_settings("other").slots is None
+
+
+def test_draft_tokens_default_and_per_model_override(tmp_path: Path) -> None:
+    (tmp_path / "appliance.toml").write_text('[runtime]\ndraft_tokens = 2\n[[models]]\nname = "m"\ndraft_tokens = 0\n')
+    settings = load_settings(tmp_path, env={})
+    assert settings.runtime.draft_tokens == 2
+    assert settings.model_settings("m").draft_tokens == 0
+    assert load_settings(tmp_path / "fresh", env={}).runtime.draft_tokens == 3

@@ -1,7 +1,9 @@
-"""Which file the engine pool loads for a registered model: the CPU re-encoding or the file itself."""
+"""How the engine pool loads a registered model: which file (the CPU re-encoding or the file
+itself), and the runtime settings it passes on."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,18 @@ def test_offloaded_or_opted_out_models_load_their_own_file(registered, tmp_path:
     assert (opted_out.encoding, opted_out.path) == ("original", info.path)
     on_cpu = engine_pool.served_weights(settings, "smol", info, on_gpu=False)
     assert on_cpu.encoding == "q8_0" and Path(on_cpu.path).parent == settings.paths.encoded_models.resolve()
+
+
+def test_draft_tokens_reach_the_engine_from_config(registered, tmp_path: Path) -> None:
+    settings, record = registered
+    configs = {
+        '[runtime]\ndraft_tokens = 2\n[[models]]\nname = "other"\ndraft_tokens = 0\n': 2,
+        '[[models]]\nname = "smol"\ndraft_tokens = 0\n': 0,
+    }
+    for toml, expected in configs.items():
+        (tmp_path / "appliance.toml").write_text(toml)
+        engine = engine_pool._load(load_settings(tmp_path, env={}), record, [])
+        try:
+            assert engine.stats().extra["drafts"]["max_drafts"] == expected
+        finally:
+            asyncio.run(engine.close())
