@@ -346,7 +346,10 @@ class BatchLoop:
             return
         while (gap := self.slots.gap()) is not None:
             src, dst = gap
-            seq = next(s for s in self._active if s.slot is src)
+            seq = next((s for s in self._active if s.slot is src), None)
+            if seq is None:  # cannot happen: every busy slot has its sequence; never fail a step over it
+                log.error("busy slot %d has no sequence", src.seq_id)
+                return
             if seq.started:  # its KV follows it; a sequence not yet prefilled just changes slot
                 llama_cpp.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
                 llama_cpp.llama_memory_seq_cp(self._mem, src.seq_id, dst.seq_id, -1, -1)
