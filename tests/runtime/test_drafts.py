@@ -197,9 +197,12 @@ def test_rejected_guesses_leave_no_kv_behind_and_the_prefix_cache_stays_exact(
     assert _answers(drafting, [follow]) == _answers(plain, [follow])
 
 
-def test_a_gap_between_busy_slots_is_closed_and_answers_stay(plain: LlamaEngine) -> None:
+def test_a_gap_between_busy_slots_is_closed_and_answers_stay(plain: LlamaEngine, monkeypatch) -> None:
     # Short and long answers together: when the short ones finish with nobody waiting, the
-    # long ones are moved down so that the busy slots stay one run (one micro-batch).
+    # long ones are moved down so that a decode step stays one run of consecutive slots (one
+    # llama.cpp micro-batch) instead of four.
+    import runtime._batch_loop as batch_loop
+
     topics = ["owls", "copper", "jazz", "rivers", "chess", "bread", "volcanoes", "the moon"]
     reqs = [
         request(f"Tell me about {t}.", max_tokens=8 if i % 2 else 64, sampling=GREEDY) for i, t in enumerate(topics)
@@ -207,16 +210,18 @@ def test_a_gap_between_busy_slots_is_closed_and_answers_stay(plain: LlamaEngine)
     alone = [_answers(plain, [r])[0] for r in reqs]
     asyncio.run(plain.clear_prefix_cache())
     moved = plain.stats().extra["slots_moved"]
+    runs_per_decode_step: list[int] = []
+    real_decode = batch_loop.llama_cpp.llama_decode
 
-    async def together() -> tuple[list, set[int]]:
-        runs: set[int] = set()
-        tasks = [asyncio.ensure_future(text_of(plain, r)) for r in reqs]
-        while not all(t.done() for t in tasks):
-            runs.add(plain.stats().extra["busy_slot_runs"])
-            await asyncio.sleep(0.005)
-        return [(t.result()[0], t.result()[1].reason, t.result()[1].completion_tokens) for t in tasks], runs
+    def recording_decode(ctx, batch):
+        if all(batch.logits[i] for i in range(batch.n_tokens)):  # decode rows only, no prompt chunk
+            ids = sorted({batch.seq_id[i][0] for i in range(batch.n_tokens)})
+            runs_per_decode_step.append(1 + sum(b != a + 1 for a, b in zip(ids, ids[1:], strict=False)))
+        return real_decode(ctx, batch)
 
-    answers, runs = asyncio.run(together())
-    assert answers == alone
+    monkeypatch.setattr(batch_loop.llama_cpp, "llama_decode", recording_decode)
+    assert _answers(plain, reqs) == alone
     assert plain.stats().extra["slots_moved"] > moved
-    assert runs <= {0, 1}
+    split = sum(runs > 1 for runs in runs_per_decode_step)
+    assert len(runs_per_decode_step) > 50
+    assert split <= 2, runs_per_decode_step  # at most while prompts are still being admitted
