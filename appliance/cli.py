@@ -32,7 +32,7 @@ port = 8080
 # n_threads = 2        # default: every core
 # slots = 8            # concurrent sequences per model
 # ctx_per_slot = 1024  # context window of each sequence (KV memory grows with slots x this)
-# weights = "auto"     # on CPUs, serve Q4_1/Q5_1 models re-encoded as Q8_0 (faster in batches); "original" to keep the file
+# weights = "auto"     # on CPUs, serve Q4_1/Q5_1 models re-encoded for batched kernels; "q8_0" for llama.cpp's Q8_0 only; "original" to keep the file
 # draft_tokens = 3     # guessed tokens a decode step may carry per sequence, kept only if sampled anyway; 0 = off
 
 # [[models]]

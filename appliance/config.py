@@ -38,7 +38,7 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_batch: Positive = 512
     queue_limit: Positive = 64
     queue_timeout_seconds: PositiveFloat = 30.0
-    weights: WeightsMode = "auto"  # on CPUs, Q4_1/Q5_1 served re-encoded as Q8_0 (runtime/weights.py)
+    weights: WeightsMode = "auto"  # on CPUs, Q4_1/Q5_1 served re-encoded (runtime/weights.py)
     draft_tokens: DraftTokens = 3  # most guessed tokens per sequence and decode step (runtime/_drafts.py); 0 = off
 
 

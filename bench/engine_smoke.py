@@ -58,9 +58,21 @@ def raw_in_child(model: str, threads: int, max_tokens: int) -> float:
     would give libgomp two thread teams on two cores, and it then throttles both (see
     runtime/_embedder.py), which slowed the engine and the baseline alike to a third."""
     out = subprocess.run(
-        [sys.executable, str(Path(raw_llama.__file__)), "--model", model, "--threads", str(threads),
-         "--max-tokens", str(max_tokens), "--runs", "1"],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            str(Path(raw_llama.__file__)),
+            "--model",
+            model,
+            "--threads",
+            str(threads),
+            "--max-tokens",
+            str(max_tokens),
+            "--runs",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return float(json.loads(out.stdout)["decode_tokens_per_s"])
 
@@ -203,14 +215,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-raw", action="store_true", help="skip the raw llama_cpp.Llama baseline")
-    parser.add_argument("--weights", choices=["auto", "original"], default="auto", help="as [runtime] weights")
+    parser.add_argument("--weights", choices=["auto", "original", "q8_0"], default="auto", help="as [runtime] weights")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="appliance-weights-") as cache:
-        # The engine runs what `serve` would load on this machine (a Q8_0 re-encoding of a Q4_1
-        # file on a CPU); raw llama_cpp.Llama runs the file as given.
+        # The engine runs what `serve` would load on this machine (a re-encoding of a Q4_1 file
+        # on a CPU); raw llama_cpp.Llama runs the file as given.
         served = serve_weights(inspect_model(args.model), Path(cache), mode=args.weights)
-        engine = LlamaEngine(served.path, name="bench", slots=8, n_ctx_per_slot=2048, n_threads=args.threads)
+        engine = LlamaEngine(
+            served.path, name="bench", slots=8, n_ctx_per_slot=2048, n_threads=args.threads, weights=served
+        )
         raw = None if args.no_raw else functools.partial(raw_in_child, args.model, args.threads)
         try:
             result = asyncio.run(bench(engine, raw, args.max_tokens, args.runs))

@@ -10,9 +10,10 @@ prompt, and 16 requests whose answers copy from their prompts (correct or retitl
 where drafting by prompt lookup, runtime/_drafts.py, has the most to guess right). For each: aggregate completion tokens/s, time to first token
 p50/p95, latency p95, errors and the server's peak RSS. Prints JSON.
 
-The appliance runs with its defaults, so on a CPU it serves the Q4_1 default model re-encoded
-as Q8_0 (runtime/weights.py); (a) and (c) load the registered file, or with
-`--peer-weights served` the appliance's re-encoding, so that all three run the same bytes.
+The appliance runs with its defaults, so on a CPU it serves the Q4_1 default model split into
+Q4_0 codes and a block-offset adapter (runtime/weights.py); (a) and (c) load the registered
+file, or with `--peer-weights served` the appliance's re-encoding and its adapter, so that all
+three run the same bytes. `bare_batched_decode` is the appliance's weights in a bare loop.
 
 Both servers stay up for the whole run and each workload runs on one, then at once on the
 other, so the drift of a shared machine's speed lands on both sides of every ratio. The
@@ -157,10 +158,12 @@ async def load(url: str, key: str, bodies: list[dict], concurrency: int) -> dict
     }
 
 
-def load_raw(model: Path, threads: int):
+def load_raw(model: Path, threads: int, adapter: str = ""):
     import llama_cpp
 
-    return llama_cpp.Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    return llama_cpp.Llama(
+        str(model), lora_path=adapter or None, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
 
 
 def raw_single_stream(llm, max_tokens: int, runs: int = 3) -> dict:
@@ -177,7 +180,7 @@ def raw_single_stream(llm, max_tokens: int, runs: int = 3) -> dict:
     return {"tokens_per_s": statistics.fmean(rates), "runs": runs}
 
 
-def start_peer(model: Path, threads: int, port: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_peer(model: Path, threads: int, port: int, adapter: str = "") -> tuple[subprocess.Popen[bytes], str]:
     python = REPO / ".bench-venv" / "bin" / "python"
     if not python.exists():
         raise SystemExit("run bench/setup_peer.sh first (installs llama-cpp-python[server] into .bench-venv)")
@@ -198,6 +201,7 @@ def start_peer(model: Path, threads: int, port: int) -> tuple[subprocess.Popen[b
             "False",
             "--model_alias",
             MODEL_NAME,
+            *(["--lora_path", adapter] if adapter else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -274,7 +278,7 @@ def run_workload(server: Server, bodies: list[dict], concurrency: int) -> dict:
     return result
 
 
-def batched_ceiling(model: Path, threads: int, n_seq: int = 8, steps: int = 64) -> dict:
+def batched_ceiling(model: Path, threads: int, n_seq: int = 8, steps: int = 64, adapter: str = "") -> dict:
     """A bare low-level loop decoding `n_seq` sequences in one context, with the appliance's
     context settings: what llama.cpp itself manages on this machine in this minute."""
     import llama_cpp
@@ -282,7 +286,7 @@ def batched_ceiling(model: Path, threads: int, n_seq: int = 8, steps: int = 64) 
     sys.path.insert(0, str(REPO))
     from runtime._native import Model, new_context
 
-    m = Model(str(model))
+    m = Model(str(model), adapter_path=adapter)
     ctx = new_context(m, n_ctx=n_seq * 1024, n_batch=512, n_seq_max=n_seq, n_threads=threads)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     prompt = m.tokenize("<|im_start|>user\nWrite a long story.<|im_end|>\n<|im_start|>assistant\n")
@@ -318,7 +322,10 @@ def run_round(servers: list[Server], llm, args: argparse.Namespace, levels: list
     2-core box) hits both sides of a comparison alike."""
     out: dict = {
         "raw_llama_single_stream": raw_single_stream(llm, args.max_tokens),
-        "bare_batched_decode": batched_ceiling(args.model, args.threads),
+        # the appliance's own weights, decoded by a bare loop
+        "bare_batched_decode": batched_ceiling(
+            Path(args.served["path"]), args.threads, adapter=args.served.get("adapter_path", "")
+        ),
     }
     for name, (bodies, concurrency) in workloads(levels, args.requests, args.max_tokens, round_no).items():
         for server in servers:
@@ -374,17 +381,19 @@ def main() -> None:
     try:
         report["appliance_idle_rss_mb"] = app.rss_mb()
         weights = served_weights(app.url, app.key)
-        report["appliance_weights"] = weights
+        report["appliance_weights"] = args.served = weights
         # (a) and (c) run the registered file unless told to run the appliance's re-encoding too.
-        other_model = Path(weights["path"]) if args.peer_weights == "served" else args.model
+        served = args.peer_weights == "served"
+        other_model = Path(weights["path"]) if served else args.model
+        other_adapter = weights.get("adapter_path", "") if served else ""
         report["peer_and_raw_model_file"] = str(other_model)
-        llm = load_raw(other_model, args.threads)
+        llm = load_raw(other_model, args.threads, other_adapter)
         servers = [Server("appliance", app.url, app.key, app.process.pid)]
         if args.drafts_ab:
             plain = start_appliance(args.model, port=18302, config=config + "draft_tokens = 0\n")
             servers.append(Server("appliance_no_drafts", plain.url, plain.key, plain.process.pid))
         if not args.skip_peer:
-            peer_proc, peer_url = start_peer(other_model, args.threads, 18301)
+            peer_proc, peer_url = start_peer(other_model, args.threads, 18301, other_adapter)
             servers.append(Server("llama_cpp_server", peer_url, "none", peer_proc.pid))
         for server in servers:  # warm-up: first request pays lazy initialisation
             run_workload(server, [chat_body(0, 8)], 1)

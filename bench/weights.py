@@ -1,6 +1,7 @@
-"""What serving the default model re-encoded as Q8_0 (runtime/weights.py) buys and costs. Prints JSON.
+"""What serving the default model re-encoded (runtime/weights.py) buys and costs. Prints JSON.
 
-For the registered Q4_1 file and its Q8_0 re-encoding, in one run and with the same threads:
+For the registered Q4_1 file, its Q8_0 re-encoding and its split into Q4_0 codes plus a
+block-offset adapter (what the appliance serves), in one run and with the same threads:
 
 - quality: perplexity over a fixed ~500-token English text, with the appliance's KV cache
   types and, as a yardstick, with an F16/F16 cache on the Q4_1 file (what llama-cpp-python
@@ -8,12 +9,12 @@ For the registered Q4_1 file and its Q8_0 re-encoding, in one run and with the s
   prompts) come out identical, with the mean length of the common prefix where they differ,
   next to the same comparison between an F16/F16 cache and the appliance's on the Q4_1 file;
 - speed: the bare low-level loop decoding 1 and 8 sequences (alternating files, `--rounds`);
-- size: of each file (the serving process maps it whole; bench/throughput.py reports RSS).
+- size: of each file and adapter (bench/throughput.py reports the server's RSS).
 
     .venv/bin/python bench/weights.py [--rounds 3] [--alternatives]
 
 `--alternatives` also re-quantizes the registered file to Q6_K, Q5_0, Q4_K_S, Q4_0 and IQ4_NL
-and reports, for each and for the Q8_0 re-encoding, the mean KL divergence of its next-token
+and reports, for each and for the two re-encodings, the mean KL divergence of its next-token
 distributions from the registered file's, how often the top token agrees, perplexity, and
 the bare 8-sequence decode speed: what a faster batched kernel would cost in fidelity.
 """
@@ -46,7 +47,7 @@ import runtime._native as native  # noqa: E402
 from runtime.engine import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 from runtime.llama_engine import LlamaEngine  # noqa: E402
 from runtime.model_file import inspect_model  # noqa: E402
-from runtime.weights import serve_weights  # noqa: E402
+from runtime.weights import ServedWeights, original_weights, serve_weights  # noqa: E402
 
 # Public-domain prose: the Gettysburg Address and the opening of A Tale of Two Cities.
 TEXT = """Four score and seven years ago our fathers brought forth on this continent, a new nation, \
@@ -90,10 +91,12 @@ def kv_types(kv: tuple[int, int] | None) -> Iterator[None]:
         native._kv_types = saved
 
 
-def next_token_logprobs(path: str, threads: int, kv: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def next_token_logprobs(
+    weights: ServedWeights, threads: int, kv: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Log-probabilities of every next token over TEXT (one row per position, each predicted
     from all before it), and the tokens that actually follow."""
-    model = native.Model(path)
+    model = native.Model(weights.path, adapter_path=weights.adapter_path)
     with kv_types(kv):
         ctx = native.new_context(model, n_ctx=1024, n_batch=512, n_seq_max=1, n_threads=threads)
     tokens = model.tokenize(TEXT, add_special=True)
@@ -121,9 +124,9 @@ def next_token_logprobs(path: str, threads: int, kv: tuple[int, int] | None = No
     return np.stack(rows), np.array(tokens[1:])
 
 
-def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> dict:
+def perplexity(weights: ServedWeights, threads: int, kv: tuple[int, int] | None = None) -> dict:
     """exp(mean negative log-likelihood) of TEXT, every token predicted from all before it."""
-    logprobs, targets = next_token_logprobs(path, threads, kv)
+    logprobs, targets = next_token_logprobs(weights, threads, kv)
     nll = -float(logprobs[np.arange(len(targets)), targets].astype(np.float64).mean())
     return {"tokens": len(targets), "perplexity": float(np.exp(nll))}
 
@@ -133,10 +136,10 @@ def perplexity(path: str, threads: int, kv: tuple[int, int] | None = None) -> di
 ALTERNATIVES = {"q6_k": 18, "q5_0": 8, "q4_k_s": 14, "q4_0": 2, "iq4_nl": 25}
 
 
-def fidelity(reference: tuple[np.ndarray, np.ndarray], path: str, threads: int) -> dict:
+def fidelity(reference: tuple[np.ndarray, np.ndarray], weights: ServedWeights, threads: int) -> dict:
     """Mean KL divergence from the reference's next-token distributions, top-1 agreement, perplexity."""
     ref, targets = reference
-    other, _ = next_token_logprobs(path, threads)
+    other, _ = next_token_logprobs(weights, threads)
     kl = (np.exp(ref.astype(np.float64)) * (ref.astype(np.float64) - other)).sum(axis=1)
     return {
         "mean_kl_vs_registered": float(kl.mean()),
@@ -155,22 +158,34 @@ def quantize_copy(source: str, dest: Path, ftype: int) -> None:
     subprocess.run([sys.executable, "-c", code, source, str(dest), str(ftype)], check=True, capture_output=True)
 
 
-def alternatives(info, served_path: str, cache: Path, threads: int) -> dict:
-    reference = next_token_logprobs(info.path, threads)
-    out = {"q8_0_served": {**fidelity(reference, served_path, threads)}}
-    paths = {"q8_0_served": served_path}
+def alternatives(info, encodings: dict[str, ServedWeights], cache: Path, threads: int) -> dict:
+    reference = next_token_logprobs(original_weights(info), threads)
+    files = {name: w for name, w in encodings.items() if w.encoding != "original"}
     for name, ftype in ALTERNATIVES.items():
-        paths[name] = str(cache / f"{name}.gguf")
-        quantize_copy(info.path, Path(paths[name]), ftype)
-        out[name] = fidelity(reference, paths[name], threads)
-    for name, path in paths.items():
-        out[name]["eight_sequences_tokens_per_s"] = batched_ceiling(Path(path), threads, n_seq=8)["tokens_per_s"]
+        path = cache / f"{name}.gguf"
+        quantize_copy(info.path, path, ftype)
+        files[name] = ServedWeights(str(path), "", name, info.sha256, path.stat().st_size)
+    out = {name: fidelity(reference, w, threads) for name, w in files.items()}
+    for name, w in files.items():
+        out[name]["eight_sequences_tokens_per_s"] = bare(w, threads, 8)
     return out
 
 
-async def greedy_answers(path: str, threads: int, kv: tuple[int, int] | None = None) -> list[list[str]]:
+def bare(weights: ServedWeights, threads: int, n_seq: int) -> float:
+    return batched_ceiling(Path(weights.path), threads, n_seq=n_seq, adapter=weights.adapter_path)["tokens_per_s"]
+
+
+async def greedy_answers(weights: ServedWeights, threads: int, kv: tuple[int, int] | None = None) -> list[list[str]]:
     with kv_types(kv):
-        engine = LlamaEngine(path, name="bench", slots=8, n_ctx_per_slot=1024, n_threads=threads, embeddings=False)
+        engine = LlamaEngine(
+            weights.path,
+            name="bench",
+            slots=8,
+            n_ctx_per_slot=1024,
+            n_threads=threads,
+            embeddings=False,
+            weights=weights,
+        )
     try:
 
         async def one(topic: str) -> list[str]:
@@ -208,26 +223,33 @@ def main() -> None:
 
     info = inspect_model(args.model)
     with tempfile.TemporaryDirectory(prefix="appliance-weights-") as cache:
-        served = serve_weights(info, Path(cache))
-        files = {"q4_1_original": info.path, "q8_0_served": served.path}
+        files = {
+            "q4_1_original": original_weights(info),
+            "q8_0": serve_weights(info, Path(cache), mode="q8_0"),
+            "q4_0_offsets_served": serve_weights(info, Path(cache)),
+        }
         report: dict = {
             "model": args.model.name,
             "threads": args.threads,
             "files": {
-                "q4_1_original": {"bytes": info.size_bytes, "sha256": info.sha256},
-                "q8_0_served": {"bytes": served.size_bytes, "sha256": served.sha256},
+                name: {"bytes": w.size_bytes, "sha256": w.sha256, "adapter_sha256": w.adapter_sha256}
+                for name, w in files.items()
             },
         }
         f16 = (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16)
         report["perplexity"] = {
-            "q4_1_original_f16_kv": perplexity(info.path, args.threads, kv=f16),
-            **{f"{name}_appliance_kv": perplexity(path, args.threads) for name, path in files.items()},
+            "q4_1_original_f16_kv": perplexity(files["q4_1_original"], args.threads, kv=f16),
+            **{f"{name}_appliance_kv": perplexity(w, args.threads) for name, w in files.items()},
         }
-        answers = {f"{name}_appliance_kv": asyncio.run(greedy_answers(path, args.threads)) for name, path in files.items()}
-        answers["q4_1_original_f16_kv"] = asyncio.run(greedy_answers(info.path, args.threads, kv=f16))
+        answers = {f"{name}_appliance_kv": asyncio.run(greedy_answers(w, args.threads)) for name, w in files.items()}
+        answers["q4_1_original_f16_kv"] = asyncio.run(greedy_answers(files["q4_1_original"], args.threads, kv=f16))
         # The yardstick: how far the appliance's own KV cache types already move greedy answers.
         pairs = {
-            "weights_q4_1_vs_q8_0_appliance_kv": ("q4_1_original_appliance_kv", "q8_0_served_appliance_kv"),
+            "weights_q4_1_vs_q4_0_offsets_appliance_kv": (
+                "q4_1_original_appliance_kv",
+                "q4_0_offsets_served_appliance_kv",
+            ),
+            "weights_q4_1_vs_q8_0_appliance_kv": ("q4_1_original_appliance_kv", "q8_0_appliance_kv"),
             "kv_f16_vs_appliance_on_q4_1": ("q4_1_original_f16_kv", "q4_1_original_appliance_kv"),
         }
         report["greedy_answers"] = {"prompts": len(TOPICS), "max_tokens": 128}
@@ -243,12 +265,10 @@ def main() -> None:
             rounds.append(
                 {
                     name: {
-                        "one_sequence_tokens_per_s": batched_ceiling(Path(path), args.threads, n_seq=1)["tokens_per_s"],
-                        "eight_sequences_tokens_per_s": batched_ceiling(Path(path), args.threads, n_seq=8)[
-                            "tokens_per_s"
-                        ],
+                        "one_sequence_tokens_per_s": bare(w, args.threads, 1),
+                        "eight_sequences_tokens_per_s": bare(w, args.threads, 8),
                     }
-                    for name, path in files.items()
+                    for name, w in files.items()
                 }
             )
         report["bare_decode_rounds"] = rounds
@@ -256,7 +276,7 @@ def main() -> None:
             name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]} for name in files
         }
         if args.alternatives:
-            report["alternatives"] = alternatives(info, served.path, Path(cache), args.threads)
+            report["alternatives"] = alternatives(info, files, Path(cache), args.threads)
     print(json.dumps(report, indent=2))
 
 

@@ -9,6 +9,7 @@ import threading
 
 import llama_cpp
 
+from ._offset_adapter import NEEDS_ADAPTER_KEY
 from .errors import InvalidGenerationRequest, ModelFileError, ModelLoadError
 
 log = logging.getLogger("runtime.llama_cpp")
@@ -50,9 +51,13 @@ sampler_init_penalties = _penalties_fn()
 
 
 class Model:
-    """A loaded GGUF model and its vocabulary. Safe to share between threads (read-only)."""
+    """A loaded GGUF model and its vocabulary. Safe to share between threads (read-only).
 
-    def __init__(self, path: str, *, n_gpu_layers: int = 0) -> None:
+    `adapter_path` names a LoRA adapter that every context of this model applies (the block
+    offsets of a "q4_0_offsets" re-encoding, see `runtime.weights`).
+    """
+
+    def __init__(self, path: str, *, n_gpu_layers: int = 0, adapter_path: str = "") -> None:
         ensure_backend()
         if not os.path.isfile(path):
             raise ModelFileError(f"model file not found: {path}")
@@ -61,9 +66,24 @@ class Model:
                 raise ModelFileError(f"not a GGUF file: {path}")
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if adapter_path:
+            # Such a model's weights are repacked into buffers of their own; a mapping of the
+            # file would keep a second copy resident (214 MB against 157 MB at load).
+            params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not load {path}")
+        self.adapter: ctypes.c_void_p | None = None
+        if not adapter_path and _meta(self.ptr, NEEDS_ADAPTER_KEY) is not None:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+            raise ModelLoadError(f"{path} holds Q4_0 codes without their block offsets: load it with its adapter")
+        if adapter_path:
+            self.adapter = llama_cpp.llama_adapter_lora_init(self.ptr, adapter_path.encode()) or None
+            if self.adapter is None:
+                llama_cpp.llama_model_free(self.ptr)
+                self.ptr = None
+                raise ModelLoadError(f"llama.cpp could not load the adapter {adapter_path} for {path}")
         self.path = path
         self.n_gpu_layers = n_gpu_layers
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
@@ -123,14 +143,19 @@ class Model:
         return buf.raw[: max(n, 0)]
 
     def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+        return _meta(self.ptr, key)
 
     def free(self) -> None:
+        # An adapter is freed with its model.
         if self.ptr:
             llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
+
+
+def _meta(model: ctypes.c_void_p, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
 
 _GENERATION_UBATCH = 128
@@ -199,4 +224,10 @@ def new_context(
         ctx = llama_cpp.llama_init_from_model(model.ptr, params)
     if not ctx:
         raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens")
+    if model.adapter is not None:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(model.adapter)
+        scales = (ctypes.c_float * 1)(1.0)
+        if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales) != 0:
+            llama_cpp.llama_free(ctx)
+            raise ModelLoadError(f"llama.cpp could not apply the adapter of {model.path}")
     return ctx

@@ -41,7 +41,8 @@ class LlamaEngine:
     `ContextOverflow`.
 
     `weights` says what `model_path` is (the registered file or a re-encoding of it, see
-    `runtime.weights`); the engine only reports it in `stats`.
+    `runtime.weights`): the engine loads the adapter a re-encoding may need from it, and
+    reports it in `stats`.
 
     `draft_tokens` caps the guessed tokens a sequence may add to a decode step (speculative
     decoding by prompt lookup, see `runtime._drafts`; 0 turns it off). How many it adds is
@@ -84,7 +85,8 @@ class LlamaEngine:
         self._weights = weights
         self._closed = False
         threads = n_threads or os.cpu_count() or 1
-        self._model = Model(model_path, n_gpu_layers=n_gpu_layers)
+        adapter = weights.adapter_path if weights is not None else ""
+        self._model = Model(model_path, n_gpu_layers=n_gpu_layers, adapter_path=adapter)
         try:
             self._ctx = new_context(
                 self._model, n_ctx=slots * n_ctx_per_slot, n_batch=n_batch, n_seq_max=slots, n_threads=threads

@@ -16,7 +16,9 @@ def test_init_is_idempotent_and_shows_the_admin_key_once(tmp_path: Path, model_p
     config_before = (tmp_path / "appliance.toml").read_text()
     second = run_cli("init", "--model", str(model_path), "--model-name", MODEL_NAME, data_dir=tmp_path)
     assert "apl_" not in second.stdout and "already initialised" in second.stdout
-    assert sqlite3.connect(tmp_path / "appliance.db").execute("SELECT id, key_hash FROM api_keys").fetchall() == db_before
+    assert (
+        sqlite3.connect(tmp_path / "appliance.db").execute("SELECT id, key_hash FROM api_keys").fetchall() == db_before
+    )
     assert (tmp_path / "appliance.toml").read_text() == config_before
     models = json.loads(run_cli("models", "list", "--json", data_dir=tmp_path).stdout)
     assert [m["name"] for m in models] == [MODEL_NAME]
@@ -30,14 +32,18 @@ def test_models_add_list_remove(tmp_path: Path, model_path: Path) -> None:
     assert added["architecture"] == "llama" and added["quantization"] == "Q4_1"
     assert added["context_length"] == 8192 and added["has_chat_template"] is True
     assert added["parameter_count"] > 100_000_000
-    assert Path(added["path"]).parent == (tmp_path / "models").resolve() or Path(added["path"]).parent == tmp_path / "models"
+    assert (
+        Path(added["path"]).parent == (tmp_path / "models").resolve()
+        or Path(added["path"]).parent == tmp_path / "models"
+    )
     listing = run_cli("models", "list", data_dir=tmp_path).stdout
     assert "tiny" in listing and "Q4_1" in listing
     dup = run_cli("models", "add", str(model_path), "--name", "tiny", data_dir=tmp_path, check=False)
     assert dup.returncode == 1 and "already registered" in dup.stderr
-    # On this CPU the Q4_1 file is served re-encoded as Q8_0, built once at registration.
+    # On this CPU the Q4_1 file is served split into Q4_0 codes and offsets, built once at registration.
     weights = added["weights"]
-    assert weights["encoding"] == "q8_0" and weights["source_sha256"] == added["sha256"]
+    assert weights["encoding"] == "q4_0_offsets" and weights["source_sha256"] == added["sha256"]
+    assert Path(weights["adapter_path"]).stat().st_size > 0
     encoded = Path(weights["path"])
     assert encoded.parent == (tmp_path / "models" / "encoded").resolve() and encoded.stat().st_size > 0
     twin = json.loads(run_cli("models", "add", str(model_path), "--name", "twin", "--json", data_dir=tmp_path).stdout)
@@ -68,7 +74,18 @@ def test_bad_model_files_get_a_clear_error_and_leave_nothing(tmp_path: Path, mod
 def test_key_lifecycle_on_the_cli(tmp_path: Path, model_path: Path) -> None:
     init_data_dir(tmp_path, model_path)
     created = json.loads(
-        run_cli("keys", "create", "--name", "payroll-bot", "--role", "user", "--expires", "2099-01-01", "--json", data_dir=tmp_path).stdout
+        run_cli(
+            "keys",
+            "create",
+            "--name",
+            "payroll-bot",
+            "--role",
+            "user",
+            "--expires",
+            "2099-01-01",
+            "--json",
+            data_dir=tmp_path,
+        ).stdout
     )
     assert created["key"].startswith(f"apl_{created['id']}_")
     assert created["expires_at"].startswith("2099-01-01")

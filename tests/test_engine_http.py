@@ -17,8 +17,12 @@ import pytest
 
 from tests.conftest import MODEL_NAME, init_data_dir, run_cli, start_server, stop_server
 
-LONG = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}],
-        "max_tokens": 300, "temperature": 0}
+LONG = {
+    "model": MODEL_NAME,
+    "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}],
+    "max_tokens": 300,
+    "temperature": 0,
+}
 
 
 @contextmanager
@@ -40,14 +44,21 @@ def _engine_stats(url: str, key: str) -> dict:
 def test_eight_disconnects_free_their_slots_and_are_accounted(tmp_path: Path, model_path: Path) -> None:
     with _serve(tmp_path, model_path, "[runtime]\nslots = 8\n") as (url, admin):
         user = json.loads(run_cli("keys", "create", "--name", "leaver", "--json", data_dir=tmp_path).stdout)
-        budget = httpx.post(url + "/admin/budgets", headers={"Authorization": f"Bearer {admin}"},
-                            json={"scope": "key", "scope_id": user["id"], "amount": 1_000_000, "unit": "tokens", "period": "total"})
+        budget = httpx.post(
+            url + "/admin/budgets",
+            headers={"Authorization": f"Bearer {admin}"},
+            json={"scope": "key", "scope_id": user["id"], "amount": 1_000_000, "unit": "tokens", "period": "total"},
+        )
         assert budget.status_code == 201
 
         async def leave_early() -> list[str]:
             async def one(client: httpx.AsyncClient) -> str:
-                async with client.stream("POST", url + "/v1/chat/completions", json=LONG | {"stream": True},
-                                         headers={"Authorization": f"Bearer {user['key']}"}) as r:
+                async with client.stream(
+                    "POST",
+                    url + "/v1/chat/completions",
+                    json=LONG | {"stream": True},
+                    headers={"Authorization": f"Bearer {user['key']}"},
+                ) as r:
                     seen = 0
                     async for line in r.aiter_lines():
                         seen += line.startswith("data: ")
@@ -75,28 +86,45 @@ def test_eight_disconnects_free_their_slots_and_are_accounted(tmp_path: Path, mo
             time.sleep(0.1)
         assert sorted(b["request_id"] for b in bodies) == sorted(request_ids)
         assert all(b["outcome"] == "cancelled" for b in bodies)
-        used = conn.execute("SELECT COUNT(*), SUM(prompt_tokens + completion_tokens), MAX(completion_tokens) FROM usage WHERE key_id = ?",
-                            (user["id"],)).fetchone()
+        used = conn.execute(
+            "SELECT COUNT(*), SUM(prompt_tokens + completion_tokens), MAX(completion_tokens) FROM usage WHERE key_id = ?",
+            (user["id"],),
+        ).fetchone()
         conn.close()
         assert used[0] == 8 and used[2] < LONG["max_tokens"]
-        (status,) = [b for b in httpx.get(url + "/admin/budgets", headers={"Authorization": f"Bearer {admin}"}).json()["data"]
-                     if b["scope_id"] == user["id"]]
+        (status,) = [
+            b
+            for b in httpx.get(url + "/admin/budgets", headers={"Authorization": f"Bearer {admin}"}).json()["data"]
+            if b["scope_id"] == user["id"]
+        ]
         assert status["in_flight"] == 0 and status["spent"] == used[1]
 
         # the freed slots serve the next requests in full
-        r = httpx.post(url + "/v1/chat/completions", json=LONG | {"max_tokens": 64}, headers={"Authorization": f"Bearer {user['key']}"}, timeout=60)
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json=LONG | {"max_tokens": 64},
+            headers={"Authorization": f"Bearer {user['key']}"},
+            timeout=60,
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 64
 
 
 @pytest.mark.parametrize("config", ["[runtime]\nslots = 1\nqueue_limit = 1\n"])
 def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path, model_path: Path, config: str) -> None:
     with _serve(tmp_path, model_path, config) as (url, admin):
+
         async def flood() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=120) as client:
-                return await asyncio.gather(*(
-                    client.post(url + "/v1/chat/completions", json=LONG | {"max_tokens": 60}, headers={"Authorization": f"Bearer {admin}"})
-                    for _ in range(6)
-                ))
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            url + "/v1/chat/completions",
+                            json=LONG | {"max_tokens": 60},
+                            headers={"Authorization": f"Bearer {admin}"},
+                        )
+                        for _ in range(6)
+                    )
+                )
 
         responses = asyncio.run(flood())
         statuses = sorted(r.status_code for r in responses)
@@ -117,7 +145,7 @@ def test_the_default_model_is_served_re_encoded_and_says_so(server) -> None:
     stats = _engine_stats(server.url, server.admin_key)
     registered = json.loads(run_cli("models", "list", "--json", data_dir=server.data_dir).stdout)[0]
     weights = stats["extra"]["weights"]
-    assert weights["encoding"] == "q8_0" and weights["note"] == ""
+    assert weights["encoding"] == "q4_0_offsets" and weights["note"] == "" and weights["adapter_path"]
     assert weights["source_sha256"] == registered["sha256"] != weights["sha256"]
     assert Path(weights["path"]).parent == (server.data_dir / "models" / "encoded").resolve()
 
@@ -140,8 +168,12 @@ def test_a_re_encoding_that_cannot_be_built_costs_speed_not_the_model(tmp_path: 
     try:
         weights = _engine_stats(url, key)["extra"]["weights"]
         assert weights["encoding"] == "original" and "cannot create" in weights["note"]
-        reply = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                           json=LONG | {"max_tokens": 4}, timeout=60)
+        reply = httpx.post(
+            url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json=LONG | {"max_tokens": 4},
+            timeout=60,
+        )
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
     finally:
         stop_server(proc)

@@ -29,7 +29,9 @@ def registered(tmp_path: Path, model_path: Path):
 
 def test_registration_on_a_gpu_machine_builds_no_cpu_encoding(registered, monkeypatch) -> None:
     settings, record = registered
-    monkeypatch.setattr(engine_pool, "discover_gpus", lambda: [GpuInfo(0, "fake", None, 24 << 30, 20 << 30, None, None, None)])
+    monkeypatch.setattr(
+        engine_pool, "discover_gpus", lambda: [GpuInfo(0, "fake", None, 24 << 30, 20 << 30, None, None, None)]
+    )
     assert engine_pool.prepare_weights(settings, record) is None
     assert not settings.paths.encoded_models.exists()
 
@@ -43,7 +45,11 @@ def test_offloaded_or_opted_out_models_load_their_own_file(registered, tmp_path:
     opted_out = engine_pool.served_weights(load_settings(tmp_path, env={}), "smol", info, on_gpu=False)
     assert (opted_out.encoding, opted_out.path) == ("original", info.path)
     on_cpu = engine_pool.served_weights(settings, "smol", info, on_gpu=False)
-    assert on_cpu.encoding == "q8_0" and Path(on_cpu.path).parent == settings.paths.encoded_models.resolve()
+    assert on_cpu.encoding == "q4_0_offsets" and Path(on_cpu.path).parent == settings.paths.encoded_models.resolve()
+    assert Path(on_cpu.adapter_path).parent == settings.paths.encoded_models.resolve()
+    (tmp_path / "appliance.toml").write_text('[runtime]\nweights = "q8_0"\n')
+    q8 = engine_pool.served_weights(load_settings(tmp_path, env={}), "smol", info, on_gpu=False)
+    assert (q8.encoding, q8.adapter_path) == ("q8_0", "")
 
 
 def test_draft_tokens_reach_the_engine_from_config(registered, tmp_path: Path) -> None:

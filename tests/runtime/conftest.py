@@ -23,12 +23,12 @@ def model_path() -> str:
 
 @pytest.fixture(scope="session")
 def served_weights(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> ServedWeights:  # noqa: F821
-    """The default model as the appliance serves it on a CPU: re-encoded as Q8_0."""
+    """The default model as the appliance serves it on a CPU: split into Q4_0 and block offsets."""
     from runtime.model_file import inspect_model
     from runtime.weights import serve_weights
 
     served = serve_weights(inspect_model(model_path), tmp_path_factory.mktemp("encoded"))
-    assert served.encoding == "q8_0"
+    assert served.encoding == "q4_0_offsets" and served.adapter_path
     return served
 
 

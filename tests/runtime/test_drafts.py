@@ -114,14 +114,23 @@ def test_policy_respects_room_batch_size_and_fixed_mode() -> None:
 @pytest.fixture(scope="module")
 def drafting(served_weights) -> Iterator[LlamaEngine]:
     """Always three guesses per sequence and step: every draft path runs, not only the ones that pay."""
-    eng = LlamaEngine(served_weights.path, name="smol-drafting", slots=8, n_ctx_per_slot=1024, always_draft=True)
+    eng = LlamaEngine(
+        served_weights.path,
+        name="smol-drafting",
+        slots=8,
+        n_ctx_per_slot=1024,
+        always_draft=True,
+        weights=served_weights,
+    )
     yield eng
     asyncio.run(eng.close())
 
 
 @pytest.fixture(scope="module")
 def plain(served_weights) -> Iterator[LlamaEngine]:
-    eng = LlamaEngine(served_weights.path, name="smol-plain", slots=8, n_ctx_per_slot=1024, draft_tokens=0)
+    eng = LlamaEngine(
+        served_weights.path, name="smol-plain", slots=8, n_ctx_per_slot=1024, draft_tokens=0, weights=served_weights
+    )
     yield eng
     asyncio.run(eng.close())
 
