@@ -98,8 +98,8 @@ class DraftPolicy:
     steps of n sequences, so that a longer context, which slows both, does not skew the ratio;
     a ratio measured only a few times is taken as dearer than it looked.
     Drafting wins when E_k / r(n, k) beats 1 by `_MARGIN`. A shape not measured yet is tried
-    for two steps; a close runner-up is re-measured every `EXPLORE_EVERY` steps. `fixed` always drafts
-    that many (for tests and benchmarks).
+    for two steps; every `EXPLORE_EVERY` steps a close runner-up is re-measured, or, every other
+    time while drafting, the undrafted step. `fixed` always drafts that many (for tests and benchmarks).
     """
 
     def __init__(self, max_drafts: int, *, max_rows: int, fixed: int | None = None) -> None:
@@ -109,6 +109,7 @@ class DraftPolicy:
         self.max_rows = max_rows
         self.fixed = fixed
         self._base: dict[int, float] = {}  # sequences -> seconds of an undrafted step (EWMA)
+        self._base_at: dict[int, int] = {}  # sequences -> self._steps when that was last timed
         self._ratio: dict[tuple[int, int], float] = {}  # (sequences, rows each) -> cost / undrafted cost
         self._samples: dict[tuple[int, int], int] = {}
         self._hit = [_PRIOR_HIT_RATE] * (max_drafts + 1)  # index = depth, from 1
@@ -160,6 +161,10 @@ class DraftPolicy:
             )
             self._ranked[key] = (self._steps, ranked)
         if self._steps % EXPLORE_EVERY == 0:
+            if ranked[0] != 0 and (self._steps // EXPLORE_EVERY) % 2:
+                # Every ratio is against the undrafted step: while drafting, re-time that one
+                # too, or a base from slower minutes (longer contexts) makes drafting look cheap.
+                return self._hold(n, 0)
             best, second = (self.gain(n, k, first) for k in ranked[:2])
             if second >= EXPLORE_WITHIN * best:
                 return self._hold(n, ranked[1])
@@ -198,14 +203,18 @@ class DraftPolicy:
             return
         if rows_each == 1:
             old = self._base.get(n)
-            self._base[n] = seconds if old is None else old + _COST_WEIGHT * (seconds - old)
+            # A base last timed more than EXPLORE_EVERY steps ago is replaced, not averaged into.
+            fresh = self._steps - self._base_at.get(n, self._steps) <= EXPLORE_EVERY
+            self._base[n] = seconds if old is None or not fresh else old + _COST_WEIGHT * (seconds - old)
+            self._base_at[n] = self._steps
             return
         base = self._base.get(n)
         if not base:
             return
         key = (n, rows_each)
         old = self._ratio.get(key)
-        self._ratio[key] = seconds / base if old is None else old + _COST_WEIGHT * (seconds / base - old)
+        ratio = max(seconds / base, 1.0)  # more rows never cost less: below 1 is the machine's drift
+        self._ratio[key] = ratio if old is None else old + _COST_WEIGHT * (ratio - old)
         self._samples[key] = self._samples.get(key, 0) + 1
 
     def record_guess(self, depth: int, hit: bool) -> None:

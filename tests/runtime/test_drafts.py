@@ -66,6 +66,22 @@ def test_policy_drafts_where_a_wider_step_costs_little() -> None:
     assert choices.count(1) == 4 * EXPLORE_EVERY - 8 and choices.count(0) == 8
 
 
+def test_policy_re_times_the_undrafted_step_while_drafting_and_stops_when_it_no_longer_pays() -> None:
+    policy = DraftPolicy(1, max_rows=512)
+    # Undrafted steps timed at long contexts (30 ms), then the context shrinks: 8 x 2 rows
+    # take 24 ms and look cheaper than one row each. Truly, one row each now takes 18 ms.
+    _measured(policy, {(8, 1): 0.030, (8, 2): 0.024}, hit_rate=0.35)
+    assert policy.snapshot()["step_cost_vs_undrafted"]["8x2"] >= 1.0  # never cheaper than fewer rows
+    choices = []
+    for _ in range(4 * EXPLORE_EVERY):
+        k = policy.choose(8, room=100)
+        choices.append(k)
+        policy.record_step(8, k + 1, 0.024 if k else 0.018)
+    assert 0 in choices[: 2 * EXPLORE_EVERY + 2]  # the stale base is re-timed, though drafting looked best
+    # 1.35 tokens for 1.33 times the time does not pay: only the close runner-up's re-timing drafts
+    assert choices[-2 * EXPLORE_EVERY :].count(1) == 4
+
+
 def test_policy_does_not_draft_where_rows_cost_what_they_would_alone() -> None:
     policy = DraftPolicy(2, max_rows=512)
     # One stream on a CPU: two rows cost twice one; drafting cannot pay at any hit rate below 1.
