@@ -18,6 +18,7 @@ from appliance.metering.cli import budgets, teams, usage
 from appliance.model_registry import ModelRegistry, RegisteredModel
 from appliance.store import Store
 from runtime.model_file import sha256_file
+from runtime.weights import is_built, planned_encoding
 
 DEFAULT_CONFIG = """\
 # Appliance configuration. Environment variables APPLIANCE_<SECTION>_<KEY> override these
@@ -63,7 +64,12 @@ def main() -> None:
 
 @main.command()
 @data_dir_option
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="Register this GGUF model if it is not yet registered.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Register this GGUF model if it is not yet registered.",
+)
 @click.option("--model-name", default=None, help="Name for --model (default: from the file name).")
 @json_option
 @handled
@@ -145,7 +151,9 @@ def models_add(path: Path, name: str | None, data_dir: Path | None, as_json: boo
             f"{record.quantization}, context {record.context_length}, sha256 {record.sha256[:16]}…"
         )
         if weights and weights["encoding"] != "original":
-            click.echo(f"served on this CPU as {weights['encoding']} (re-encoded once, sha256 {weights['sha256'][:16]}…)")
+            click.echo(
+                f"served on this CPU as {weights['encoding']} (re-encoded once, sha256 {weights['sha256'][:16]}…)"
+            )
 
 
 @models.command("list")
@@ -156,15 +164,30 @@ def models_list(data_dir: Path | None, as_json: bool) -> None:
     """List registered models."""
     with opened(data_dir) as (settings, store):
         records = ModelRegistry(store, settings.paths.models).list()
+    served = {r.name: weights_summary(settings, r) for r in records}
     if as_json:
-        emit([r.to_dict() for r in records])
+        emit([{**r.to_dict(), "cpu_weights": served[r.name]} for r in records])
         return
     if not records:
         click.echo("no models registered; add one with: appliance models add PATH")
     for r in records:
         params = f"{r.parameter_count / 1e6:.0f}M" if r.parameter_count else "?"
         chat = "chat" if r.has_chat_template else "completion"
-        click.echo(f"{r.name:32} {r.architecture or '?':10} {params:>6} {r.quantization or '?':8} ctx {r.context_length or '?':>6}  {chat}")
+        click.echo(
+            f"{r.name:32} {r.architecture or '?':10} {params:>6} {r.quantization or '?':8} "
+            f"ctx {r.context_length or '?':>6}  {chat:10}  on CPU: {served[r.name]}"
+        )
+
+
+def weights_summary(settings: Settings, model: RegisteredModel) -> str:
+    """What `serve` runs this model as on a CPU, for `models list`: "file", or the encoding
+    and whether it is built yet. (On a GPU the file is served; `serve` decides per placement.)"""
+    mode = settings.model_settings(model.name).weights or settings.runtime.weights
+    encoding = planned_encoding(model.quantization, model.architecture, mode=mode, on_gpu=False)
+    if encoding is None:
+        return "file"
+    built = is_built(model.sha256, settings.paths.encoded_models, encoding)
+    return encoding if built else f"{encoding} (built at first serve)"
 
 
 @models.command("remove")
@@ -193,7 +216,12 @@ def keys() -> None:
 @click.option("--team", default="default", show_default=True, help="Team the key belongs to.")
 @click.option("--rpm", type=int, default=None, help="Requests per minute (default: unlimited).")
 @click.option("--tpm", type=int, default=None, help="Tokens per minute (default: unlimited).")
-@click.option("--prompt-retention", type=click.Choice(["none", "sha256", "redacted", "full"]), default=None, help="How prompts are kept in the audit log (default: the team's, else sha256).")
+@click.option(
+    "--prompt-retention",
+    type=click.Choice(["none", "sha256", "redacted", "full"]),
+    default=None,
+    help="How prompts are kept in the audit log (default: the team's, else sha256).",
+)
 @data_dir_option
 @json_option
 @handled
@@ -213,7 +241,13 @@ def keys_create(
     expires_at = parse_expiry(expires) if expires else None
     with opened(data_dir) as (settings, store):
         new = _keys(settings, store).create(
-            name, role, expires_at=expires_at, models=list(models_) or None, team=team, rpm=rpm, tpm=tpm,
+            name,
+            role,
+            expires_at=expires_at,
+            models=list(models_) or None,
+            team=team,
+            rpm=rpm,
+            tpm=tpm,
             prompt_retention=prompt_retention,
         )
         audit_admin(settings, store, "keys.create", new.record.id, after=new.record.to_dict())

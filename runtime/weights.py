@@ -40,6 +40,8 @@ __all__ = [
     "ServedWeights",
     "WeightsMode",
     "encoding_for",
+    "is_built",
+    "planned_encoding",
     "original_weights",
     "remove_encoded",
     "serve_weights",
@@ -88,11 +90,29 @@ def encoding_for(info: ModelInfo, *, mode: WeightsMode, on_gpu: bool) -> str | N
     GPU backends have batched kernels for every type, and a larger encoding would take VRAM
     from the KV cache, so offloaded models keep their file.
     """
-    if mode == "original" or on_gpu or info.quantization not in REENCODED_TYPES:
+    return planned_encoding(info.quantization, info.architecture, mode=mode, on_gpu=on_gpu)
+
+
+def planned_encoding(
+    quantization: str | None, architecture: str | None, *, mode: WeightsMode, on_gpu: bool
+) -> str | None:
+    """`encoding_for` from the two facts it depends on (what a registry record holds)."""
+    if mode == "original" or on_gpu or quantization not in REENCODED_TYPES:
         return None
-    if mode == "auto" and info.quantization == "Q4_1" and info.architecture in SPLIT_ARCHITECTURES:
+    if mode == "auto" and quantization == "Q4_1" and architecture in SPLIT_ARCHITECTURES:
         return _SPLIT
     return "q8_0"
+
+
+def is_built(source_sha256: str, cache_dir: Path, encoding: str) -> bool:
+    """Whether a re-encoding of the file with this sha256 has been built (its record is there).
+    Not a check of its bytes: every load rehashes them."""
+    record_path = cache_dir / f"{source_sha256}.{encoding}.json"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("source_sha256") == source_sha256
 
 
 def original_weights(info: ModelInfo, *, note: str = "") -> ServedWeights:

@@ -38,6 +38,7 @@ def test_models_add_list_remove(tmp_path: Path, model_path: Path) -> None:
     )
     listing = run_cli("models", "list", data_dir=tmp_path).stdout
     assert "tiny" in listing and "Q4_1" in listing
+    assert "on CPU: q4_0_offsets" in listing and "first serve" not in listing  # built at registration
     dup = run_cli("models", "add", str(model_path), "--name", "tiny", data_dir=tmp_path, check=False)
     assert dup.returncode == 1 and "already registered" in dup.stderr
     # On this CPU the Q4_1 file is served split into Q4_0 codes and offsets, built once at registration.
@@ -46,6 +47,11 @@ def test_models_add_list_remove(tmp_path: Path, model_path: Path) -> None:
     assert Path(weights["adapter_path"]).stat().st_size > 0
     encoded = Path(weights["path"])
     assert encoded.parent == (tmp_path / "models" / "encoded").resolve() and encoded.stat().st_size > 0
+    (tmp_path / "appliance.toml").write_text(
+        (tmp_path / "appliance.toml").read_text() + '\n[[models]]\nname = "tiny"\nweights = "q8_0"\n'
+    )
+    listed = json.loads(run_cli("models", "list", "--json", data_dir=tmp_path).stdout)
+    assert [m["cpu_weights"] for m in listed] == ["q8_0 (built at first serve)"]
     twin = json.loads(run_cli("models", "add", str(model_path), "--name", "twin", "--json", data_dir=tmp_path).stdout)
     assert twin["weights"]["sha256"] == weights["sha256"]  # same file, same cached encoding
     run_cli("models", "remove", "tiny", data_dir=tmp_path)
