@@ -182,7 +182,7 @@ def models_list(data_dir: Path | None, as_json: bool) -> None:
 def weights_summary(settings: Settings, model: RegisteredModel) -> str:
     """What `serve` runs this model as on a CPU, for `models list`: "file", or the encoding
     and whether it is built yet. (On a GPU the file is served; `serve` decides per placement.)"""
-    mode = settings.model_settings(model.name).weights or settings.runtime.weights
+    mode = settings.weights_mode(model.name)
     encoding = planned_encoding(model.quantization, model.architecture, mode=mode, on_gpu=False)
     if encoding is None:
         return "file"

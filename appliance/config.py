@@ -97,6 +97,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 return entry
         return ModelSettings(name=name)
 
+    def weights_mode(self, name: str) -> WeightsMode:
+        """How model `name`'s weights are served: its own setting, else `[runtime] weights`."""
+        return self.model_settings(name).weights or self.runtime.weights
+
 
 _ENV_SECTIONS = {"server": ServerSettings, "runtime": RuntimeSettings, "costs": CostSettings, "audit": AuditSettings}
 RETENTION_POLICIES = ("none", "sha256", "redacted", "full")
@@ -125,9 +129,7 @@ def load_settings(
     raw["data_dir"] = str(root.resolve())
     settings = _check(raw, source="command line", strict=False)
     if settings.server.log_level.lower() not in _LOG_LEVELS:
-        raise ConfigError(
-            f"server.log_level: expected one of {sorted(_LOG_LEVELS)}, got {settings.server.log_level!r}"
-        )
+        raise ConfigError(f"server.log_level: expected one of {sorted(_LOG_LEVELS)}, got {settings.server.log_level!r}")
     if settings.audit.default_prompt_retention not in RETENTION_POLICIES:
         raise ConfigError(
             f"audit.default_prompt_retention: expected one of {list(RETENTION_POLICIES)}, "

@@ -109,7 +109,7 @@ def served_weights(settings: Settings, name: str, info: ModelInfo, *, on_gpu: bo
     A re-encoding that cannot be built (a full disk, say) costs speed, not the model: the
     original is served and the reason shows in the engine's stats.
     """
-    mode = settings.model_settings(name).weights or settings.runtime.weights
+    mode = settings.weights_mode(name)
     try:
         return serve_weights(info, settings.paths.encoded_models, mode=mode, on_gpu=on_gpu)
     except ModelLoadError as exc:
@@ -124,4 +124,6 @@ def prepare_weights(settings: Settings, model: RegisteredModel) -> ServedWeights
     """
     if discover_gpus():
         return None
-    return served_weights(settings, model.name, inspect_model(Path(model.path), expected_sha256=model.sha256), on_gpu=False)
+    return served_weights(
+        settings, model.name, inspect_model(Path(model.path), expected_sha256=model.sha256), on_gpu=False
+    )

@@ -317,14 +317,16 @@ def batched_ceiling(model: Path, threads: int, n_seq: int = 8, steps: int = 64, 
     return {"sequences": n_seq, "tokens_per_s": n_seq * steps / elapsed, "ms_per_step": 1000 * elapsed / steps}
 
 
-def run_round(servers: list[Server], llm, args: argparse.Namespace, levels: list[int], round_no: int) -> dict:
+def run_round(
+    servers: list[Server], llm, args: argparse.Namespace, levels: list[int], round_no: int, served: dict
+) -> dict:
     """Each workload runs on every server back to back, so the machine's drift (large on a shared
     2-core box) hits both sides of a comparison alike."""
     out: dict = {
         "raw_llama_single_stream": raw_single_stream(llm, args.max_tokens),
         # the appliance's own weights, decoded by a bare loop
         "bare_batched_decode": batched_ceiling(
-            Path(args.served["path"]), args.threads, adapter=args.served.get("adapter_path", "")
+            Path(served["path"]), args.threads, adapter=served.get("adapter_path", "")
         ),
     }
     for name, (bodies, concurrency) in workloads(levels, args.requests, args.max_tokens, round_no).items():
@@ -381,7 +383,7 @@ def main() -> None:
     try:
         report["appliance_idle_rss_mb"] = app.rss_mb()
         weights = served_weights(app.url, app.key)
-        report["appliance_weights"] = args.served = weights
+        report["appliance_weights"] = weights
         # (a) and (c) run the registered file unless told to run the appliance's re-encoding too.
         served = args.peer_weights == "served"
         other_model = Path(weights["path"]) if served else args.model
@@ -398,7 +400,7 @@ def main() -> None:
         for server in servers:  # warm-up: first request pays lazy initialisation
             run_workload(server, [chat_body(0, 8)], 1)
         for round_no in range(args.rounds):
-            result = run_round(servers, llm, args, levels, round_no)
+            result = run_round(servers, llm, args, levels, round_no, weights)
             result["targets"] = ratios(result)
             report["rounds"].append(result)
         report["appliance_drafts"] = engine_extra(app.url, app.key)["drafts"]

@@ -107,12 +107,16 @@ def planned_encoding(
 def is_built(source_sha256: str, cache_dir: Path, encoding: str) -> bool:
     """Whether a re-encoding of the file with this sha256 has been built (its record is there).
     Not a check of its bytes: every load rehashes them."""
-    record_path = cache_dir / f"{source_sha256}.{encoding}.json"
+    record = _read_record(_paths(source_sha256, cache_dir, encoding)[1])
+    return record is not None and record.get("source_sha256") == source_sha256
+
+
+def _read_record(path: Path) -> dict[str, object] | None:
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("source_sha256") == source_sha256
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def original_weights(info: ModelInfo, *, note: str = "") -> ServedWeights:
@@ -129,8 +133,8 @@ def _llama_cpp_version() -> str:
         return "unknown"
 
 
-def _paths(info: ModelInfo, cache_dir: Path, encoding: str) -> tuple[Path, Path]:
-    stem = f"{info.sha256}.{encoding}"
+def _paths(source_sha256: str, cache_dir: Path, encoding: str) -> tuple[Path, Path]:
+    stem = f"{source_sha256}.{encoding}"
     return cache_dir / f"{stem}.gguf", cache_dir / f"{stem}.json"
 
 
@@ -155,7 +159,7 @@ def serve_weights(
     encoding = encoding_for(info, mode=mode, on_gpu=on_gpu)
     if encoding is None:
         return original_weights(info)
-    dest, record_path = _paths(info, cache_dir, encoding)
+    dest, record_path = _paths(info.sha256, cache_dir, encoding)
     cached = _load_cached(info, dest, record_path, encoding)
     if cached is not None:
         return cached
@@ -175,11 +179,8 @@ def remove_encoded(source_sha256: str, cache_dir: Path) -> None:
 
 
 def _load_cached(info: ModelInfo, dest: Path, record_path: Path, encoding: str) -> ServedWeights | None:
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+    record = _read_record(record_path)
+    if record is None or record.get("format") != _FORMAT:
         return None
     if record.get("source_sha256") != info.sha256 or record.get("encoding") != encoding:
         return None
