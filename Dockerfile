@@ -1,10 +1,14 @@
-# The appliance in a container: the package, llama-cpp-python built for this
-# CPU family, and the default model, all baked into the image. The data
-# directory (database, keys, audit log) lives on the /data volume.
+# The appliance in a container: the package, llama-cpp-python built once for
+# every x86-64 CPU (the runtime picks its kernels at start-up, so the image runs
+# on other machines than the build host), and the default model, all baked into
+# the image. The data directory (database, keys, audit log) lives on the /data volume.
 #
 #   docker build -t appliance .
-#   docker run -p 8080:8080 -v appliance-data:/data appliance
+#   docker run --restart=on-failure -p 8080:8080 -v appliance-data:/data appliance
 #
+# --restart=on-failure brings the service back after a crash (a native fault in
+# llama.cpp, say); nothing acknowledged is lost, as every response waits for its
+# audit record's commit. The HEALTHCHECK marks a hung server unhealthy.
 # The first start prints the first admin key once in the container log.
 FROM python:3.11-slim
 
@@ -29,6 +33,8 @@ RUN rm -rf .venv \
 
 VOLUME ["/data"]
 EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+    CMD [".venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 
 # Binding 0.0.0.0 is the explicit choice here: inside a container it is the only
 # way to be reachable through the published port.

@@ -7,10 +7,13 @@
 #
 # Environment: PYTHON (interpreter used to create .venv, default python3),
 # APPLIANCE_DATA_DIR (data directory passed through to `appliance init`),
-# CMAKE_ARGS (passed through to the llama-cpp-python build by pip).
+# CMAKE_ARGS (added to the portable llama-cpp-python build, e.g. -DGGML_CUDA=on),
+# APPLIANCE_WHEELHOUSE (where built llama-cpp-python wheels are kept, default
+# ~/.cache/appliance/wheels).
 #
 # Idempotent: a second run finds the venv, the installed package (by a stamp of
-# pyproject.toml), the verified model and the initialised data dir, and changes nothing.
+# pyproject.toml and the llama-cpp-python wheel), the verified model and the initialised
+# data dir, and changes nothing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -48,23 +51,32 @@ else
     step "using existing virtual environment $VENV"
 fi
 
-# 2. The package (skipped when pyproject.toml and the extras are unchanged since the last install)
+# 2. llama-cpp-python, built once for every x86-64 CPU and kept in a wheelhouse keyed by its
+#    version and build flags (packaging/build_llama_wheel.py); the runtime picks the CPU
+#    kernels at start-up.
+step "llama-cpp-python: portable build (about 7 minutes the first time, then reused)"
+WHEEL="$("$VENV/bin/python" packaging/build_llama_wheel.py)" || die "building llama-cpp-python failed"
+
+# 3. The package (skipped when pyproject.toml, the extras and the wheel are unchanged)
 if [[ "$DEV" == 1 ]]; then TARGET=".[test]"; else TARGET="."; fi
 STAMP="$VENV/.appliance-install-stamp"
-WANT="$("$VENV/bin/python" -c 'import hashlib, sys; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest(), sys.argv[1])' "$TARGET")"
+WANT="$("$VENV/bin/python" -c 'import hashlib, sys; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest(), *sys.argv[1:])' "$TARGET" "$WHEEL")"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/appliance" ]]; then
     step "appliance already installed ($TARGET)"
 else
-    step "installing appliance ($TARGET); building llama-cpp-python can take several minutes"
+    step "installing appliance ($TARGET)"
+    # Replace whatever llama-cpp-python the venv had, even at the same version: an older
+    # install may have been compiled with -march=native (and AMX).
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps --force-reinstall "$WHEEL"
     "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$TARGET"
     printf '%s\n' "$WANT" > "$STAMP"
 fi
 
-# 3. The default model, verified by sha256 (a no-op when already present)
+# 4. The default model, verified by sha256 (a no-op when already present)
 step "fetching the default model into $MODEL_DIR"
 "$VENV/bin/python" packaging/fetch_model.py --dest "$MODEL_DIR"
 
-# 4. First-run initialisation: data dir, database, first admin key, model registration
+# 5. First-run initialisation: data dir, database, first admin key, model registration
 if [[ "$INIT" == 1 ]]; then
     if [[ -n "${APPLIANCE_DATA_DIR:-}" ]]; then
         export APPLIANCE_DATA_DIR

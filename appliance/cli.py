@@ -17,6 +17,7 @@ from appliance.logs import configure_logging
 from appliance.metering.cli import budgets, teams, usage
 from appliance.model_registry import ModelRegistry, RegisteredModel
 from appliance.store import Store
+from runtime.cpu import CpuVariantError, choose_variant, detect, shipped_variants
 from runtime.model_file import sha256_file
 from runtime.weights import is_built, planned_encoding
 
@@ -166,8 +167,9 @@ def models_list(data_dir: Path | None, as_json: bool) -> None:
         records = ModelRegistry(store, settings.paths.models).list()
     served = {r.name: weights_summary(settings, r) for r in records}
     if as_json:
-        emit([{**r.to_dict(), "cpu_weights": served[r.name]} for r in records])
+        emit([{**r.to_dict(), "cpu_weights": served[r.name], "cpu_kernels": cpu_kernels(settings)} for r in records])
         return
+    click.echo(f"CPU kernels: {cpu_kernels(settings)}")
     if not records:
         click.echo("no models registered; add one with: appliance models add PATH")
     for r in records:
@@ -177,6 +179,14 @@ def models_list(data_dir: Path | None, as_json: bool) -> None:
             f"{r.name:32} {r.architecture or '?':10} {params:>6} {r.quantization or '?':8} "
             f"ctx {r.context_length or '?':>6}  {chat:10}  on CPU: {served[r.name]}"
         )
+
+
+def cpu_kernels(settings: Settings) -> str:
+    """The llama.cpp CPU variant `serve` loads on this machine, or why none would load."""
+    try:
+        return choose_variant(detect(), shipped_variants(), settings.runtime.cpu_variant).variant
+    except CpuVariantError as exc:
+        return f"none ({exc})"
 
 
 def weights_summary(settings: Settings, model: RegisteredModel) -> str:

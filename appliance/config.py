@@ -13,6 +13,7 @@ from msgspec import Meta
 
 from appliance.errors import ConfigError
 from appliance.paths import DataPaths, default_data_dir
+from runtime.cpu import VARIANTS
 from runtime.weights import WeightsMode
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -40,6 +41,9 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     queue_timeout_seconds: PositiveFloat = 30.0
     weights: WeightsMode = "auto"  # on CPUs, Q4_1/Q5_1 served re-encoded (runtime/weights.py)
     draft_tokens: DraftTokens = 3  # most guessed tokens per sequence and decode step (runtime/_drafts.py); 0 = off
+    # llama.cpp CPU kernels: "auto" picks the best variant this CPU and kernel allow, never one
+    # in runtime.cpu.KNOWN_CRASHES; a variant name forces it (e.g. "sapphirerapids" for AMX).
+    cpu_variant: str = "auto"
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -134,6 +138,10 @@ def load_settings(
         raise ConfigError(
             f"audit.default_prompt_retention: expected one of {list(RETENTION_POLICIES)}, "
             f"got {settings.audit.default_prompt_retention!r}"
+        )
+    if settings.runtime.cpu_variant not in ("auto", *VARIANTS):
+        raise ConfigError(
+            f"runtime.cpu_variant: expected auto or one of {', '.join(VARIANTS)}, got {settings.runtime.cpu_variant!r}"
         )
     names = [m.name for m in settings.models]
     if len(names) != len(set(names)):

@@ -8,7 +8,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from appliance.config import Settings
+from appliance.errors import ConfigError
 from appliance.model_registry import ModelRegistry, RegisteredModel
+from runtime.backend import ensure_backend
+from runtime.cpu import CpuVariantError
 from runtime.engine import Engine
 from runtime.errors import ModelLoadError, RuntimeFault
 from runtime.gpu import choose_gpu_layers, discover_gpus
@@ -48,8 +51,15 @@ class EnginePool:
 
 
 async def load_local_engines(settings: Settings, registry: ModelRegistry) -> EnginePool:
-    """Load every registered, enabled model. A model that fails is logged and skipped."""
+    """Load every registered, enabled model. A model that fails is logged and skipped.
+
+    Raises `ConfigError` when `[runtime] cpu_variant` names kernels this machine cannot run.
+    """
     pool = EnginePool()
+    try:
+        await asyncio.to_thread(ensure_backend, settings.runtime.cpu_variant)
+    except CpuVariantError as exc:
+        raise ConfigError(f"runtime.cpu_variant: {exc}") from None
     gpus = await asyncio.to_thread(discover_gpus)
     for model in registry.list():
         if not settings.model_settings(model.name).enabled:

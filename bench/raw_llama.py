@@ -21,6 +21,9 @@ PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse kee
 def load(model: str, *, n_threads: int, n_ctx: int = 2048) -> Any:
     from llama_cpp import Llama
 
+    from runtime.backend import ensure_backend
+
+    ensure_backend()  # the appliance's build loads its CPU kernels at run time
     llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
     llm.create_chat_completion(messages=PROMPT, max_tokens=4, temperature=0)  # warm-up
     return llm

@@ -24,6 +24,9 @@ MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who l
 def raw_llama(model: Path, *, threads: int, max_tokens: int, runs: int) -> dict:
     import llama_cpp
 
+    from runtime.backend import ensure_backend
+
+    ensure_backend()  # the appliance's build loads its CPU kernels at run time
     llm = llama_cpp.Llama(str(model), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
     rates, ttfts = [], []
     for _ in range(runs + 1):

@@ -161,6 +161,10 @@ async def load(url: str, key: str, bodies: list[dict], concurrency: int) -> dict
 def load_raw(model: Path, threads: int, adapter: str = ""):
     import llama_cpp
 
+    sys.path.insert(0, str(REPO))
+    from runtime.backend import ensure_backend
+
+    ensure_backend()  # the appliance's build loads its CPU kernels at run time
     return llama_cpp.Llama(
         str(model), lora_path=adapter or None, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
     )

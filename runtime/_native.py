@@ -1,38 +1,18 @@
-"""The thin layer over llama.cpp's C API: one-time backend set-up, log routing, and a loaded model."""
+"""The thin layer over llama.cpp's C API: a loaded model, its vocabulary, and its contexts."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
-import threading
 
 import llama_cpp
 
 from ._offset_adapter import NEEDS_ADAPTER_KEY
+from .backend import ensure_backend, model_buffers
 from .errors import InvalidGenerationRequest, ModelFileError, ModelLoadError
 
 log = logging.getLogger("runtime.llama_cpp")
-
-_setup_lock = threading.Lock()
-_set_up = False
-
-
-@llama_cpp.llama_log_callback
-def _log_to_python(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if log.isEnabledFor(logging.DEBUG) and text:
-        log.debug("%s", text.decode("utf-8", "replace").rstrip("\n"))
-
-
-def ensure_backend() -> None:
-    """Initialise llama.cpp once per process and route its log into `logging` at debug level."""
-    global _set_up
-    with _setup_lock:
-        if _set_up:
-            return
-        llama_cpp.llama_log_set(_log_to_python, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _set_up = True
 
 
 def _penalties_fn():
@@ -58,7 +38,7 @@ class Model:
     """
 
     def __init__(self, path: str, *, n_gpu_layers: int = 0, adapter_path: str = "") -> None:
-        ensure_backend()
+        self.backend = ensure_backend()
         if not os.path.isfile(path):
             raise ModelFileError(f"model file not found: {path}")
         with open(path, "rb") as fh:
@@ -70,7 +50,10 @@ class Model:
             # Such a model's weights are repacked into buffers of their own; a mapping of the
             # file would keep a second copy resident (214 MB against 157 MB at load).
             params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
-        self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        # MiB of weights per buffer type: CPU_REPACK is the repacked (fast) layout, CPU or
+        # CPU_Mapped plain rows, CUDA0... a GPU's.
+        with model_buffers() as self.buffer_types:
+            self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not load {path}")
         self.adapter: ctypes.c_void_p | None = None

@@ -210,6 +210,8 @@ class LlamaEngine:
                 "slots_moved": loop.slots_moved,  # sequences moved to close gaps between busy slots
                 "decode_busy_seconds": round(loop.busy_seconds, 3),
                 "weights": self._weights.to_dict() if self._weights else None,
+                "cpu_variant": self._model.backend.variant,  # llama.cpp CPU kernels (runtime.cpu)
+                "buffer_types": self._model.buffer_types,  # MiB of weights per layout (CPU_REPACK: repacked)
                 "drafts": loop.drafts.snapshot(),
             },
         )

@@ -1,5 +1,6 @@
-"""`kill -9` under load: the audit chain still verifies, SQLite is intact, and every request
-whose response reached the client is in the log."""
+"""Killed under load (`kill -9`, or a native crash's SIGSEGV): the audit chain still verifies,
+SQLite is intact, every request whose response reached the client is in the log, and the
+appliance serves again on the same data."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import MODEL_NAME, init_data_dir, run_cli, start_server
 
 
-def test_kill_9_under_load_loses_no_acknowledged_request(tmp_path: Path, model_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["kill-9", "segfault"])
+def test_killed_under_load_loses_no_acknowledged_request(sig: signal.Signals, tmp_path: Path, model_path: Path) -> None:
     key = init_data_dir(tmp_path, model_path)
     (tmp_path / "appliance.toml").write_text("[audit]\ncheckpoint_every_records = 25\n")
     proc, url, _ = start_server(tmp_path)
@@ -41,12 +44,12 @@ def test_kill_9_under_load_loses_no_acknowledged_request(tmp_path: Path, model_p
             tasks = [asyncio.create_task(client_loop(client, stop_at)) for _ in range(16)]
             while len(acknowledged) < 150 and time.monotonic() < stop_at - 10:
                 await asyncio.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             await asyncio.gather(*tasks)
 
     asyncio.run(load_then_kill())
     proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -sig
     assert len(acknowledged) >= 50
 
     db = tmp_path / "appliance.db"

@@ -21,6 +21,7 @@ from appliance.auth import Principal, Role
 from appliance.errors import InvalidRequest
 from appliance.governance import AdminAction
 from appliance.metering import rollup
+from runtime.backend import loaded_report
 
 ADMIN = roles(Role.ADMIN)
 READ_GOVERNANCE = roles(Role.AUDITOR)
@@ -173,7 +174,8 @@ async def model_status(services: ServicesDep) -> dict[str, Any]:
         elif record.name in services.pool.failures:
             entry["error"] = services.pool.failures[record.name]
         data.append(entry)
-    return {"object": "list", "data": data}
+    report = loaded_report()
+    return {"object": "list", "data": data, "backend": report.to_dict() if report else None}
 
 
 def _plain(stats: Any) -> dict[str, Any]:
