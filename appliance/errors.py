@@ -28,6 +28,10 @@ class ConfigError(ApplianceError):
     """The config file, an environment override or a CLI flag has a bad value."""
 
 
+class AuditError(ApplianceError):
+    """The audit log, its signing key or a checkpoint file cannot be read or used."""
+
+
 class StoreError(ApplianceError):
     """The database cannot be opened, migrated or written."""
 

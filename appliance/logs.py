@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 
-KEY_PATTERN = re.compile(r"apl_[0-9a-f]{12}_[A-Za-z0-9_-]+")
-REDACTED = "apl_[REDACTED]"
-
-
-def redact(text: str) -> str:
-    return KEY_PATTERN.sub(REDACTED, text)
+from appliance.redaction import scrub_keys
 
 
 class RedactKeys(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "apl_" in message:
-            record.msg, record.args = redact(message), None
+        scrubbed = scrub_keys(message)
+        if scrubbed is not message:
+            record.msg, record.args = scrubbed, None
         return True
 
 
@@ -34,7 +29,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            entry["exc"] = redact(self.formatException(record.exc_info))
+            entry["exc"] = scrub_keys(self.formatException(record.exc_info))
         return json.dumps(entry)
 
 

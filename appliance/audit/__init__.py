@@ -1,12 +1,13 @@
 """The tamper-evident audit log: hash-chained records, Ed25519-signed checkpoints,
 verification, export and prompt retention."""
 
-from appliance.audit.chain import GENESIS_HASH, AuditError, AuditRecord, Checkpoint, scrub_secrets
+from appliance.audit.chain import GENESIS_HASH, AuditRecord, Checkpoint, scrub_secrets
 from appliance.audit.export import export_checkpoint, export_records, load_checkpoint
 from appliance.audit.log import AuditLog, admin_body, cli_actor
 from appliance.audit.retention import resolve_policy, retain
 from appliance.audit.signing import Signer, load_or_create_signing_key, load_pinned_public_key
 from appliance.audit.verify import VerifyReport, verify, verify_from
+from appliance.errors import AuditError
 
 __all__ = [
     "GENESIS_HASH",

@@ -19,30 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from appliance.audit.canonical import canonical_bytes, canonical_json, canonical_json_unchecked
-from appliance.errors import ApplianceError
+from appliance.redaction import scrub_keys
 
 GENESIS_HASH = "0" * 64
 KINDS = ("request", "admin")
 
-# `apl_<12 hex id>_<urlsafe base64 secret>`, plus common upstream key shapes.
-SECRET_PATTERNS = re.compile(
-    r"apl_[0-9a-f]{12}_[A-Za-z0-9_\-]+"
-    r"|\bsk-[A-Za-z0-9_\-]{16,}"
-)
-SECRET_PLACEHOLDER = "[API_KEY]"
 # Values under these keys are never recorded, whatever they look like.
 _SECRET_FIELDS = frozenset({"secret", "key_hash", "password", "api_key", "authorization", "server_secret"})
-
-
-class AuditError(ApplianceError):
-    """The audit log, its signing key or a checkpoint file cannot be read or used."""
 
 
 def scrub_secrets(value: Any) -> Any:
@@ -52,7 +41,7 @@ def scrub_secrets(value: Any) -> Any:
     Defence in depth: callers must not put secrets in audit bodies in the first place.
     """
     if isinstance(value, str):
-        return SECRET_PATTERNS.sub(SECRET_PLACEHOLDER, value)
+        return scrub_keys(value)
     if isinstance(value, dict):
         out: dict[Any, Any] = {}
         for key, item in value.items():

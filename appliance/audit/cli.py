@@ -14,13 +14,13 @@ from typing import IO, Any
 
 import click
 
-from appliance.audit.chain import AuditError
 from appliance.audit.export import export_checkpoint, export_records, load_checkpoint
 from appliance.audit.log import AuditLog
 from appliance.audit.signing import load_pinned_public_key
 from appliance.audit.verify import verify
 from appliance.cli_support import data_dir_option, handled
 from appliance.config import load_settings
+from appliance.errors import AuditError
 from appliance.store import Store, open_connection
 
 

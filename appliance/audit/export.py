@@ -34,7 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from appliance.audit.chain import AuditError, AuditRecord, Checkpoint
+from appliance.audit.chain import AuditRecord, Checkpoint
+from appliance.errors import AuditError
 
 CSV_COLUMNS = ["idx", "ts", "ts_epoch", "kind", "key_id", "team_id", "body", "prev_hash", "hash"]
 _MAX_CHECKPOINT_FILE = 64 * 1024

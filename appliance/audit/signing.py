@@ -19,7 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from appliance.audit.chain import AuditError, checkpoint_message
+from appliance.audit.chain import checkpoint_message
+from appliance.errors import AuditError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from appliance.audit.canonical import recanonicalize
-from appliance.audit.chain import GENESIS_HASH, AuditError, Checkpoint, record_hash
+from appliance.audit.chain import GENESIS_HASH, Checkpoint, record_hash
 from appliance.audit.signing import parse_public_key, verify_signature
+from appliance.errors import AuditError
 
 
 @dataclass(frozen=True, slots=True)
