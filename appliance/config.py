@@ -3,6 +3,7 @@ environment variables, overridden in turn by CLI flags. Validated once, at start
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -14,7 +15,7 @@ from msgspec import Meta
 from appliance.errors import ConfigError
 from appliance.paths import DataPaths, default_data_dir
 from runtime.cpu import VARIANTS
-from runtime.weights import WeightsMode
+from runtime.encodings import WeightsMode
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Positive = Annotated[int, Meta(ge=1)]
@@ -28,6 +29,24 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     graceful_shutdown_seconds: Annotated[float, Meta(ge=0)] = 30.0
     log_level: str = "info"
+    # Host names (compared without the port) requests may be addressed to, beyond the bind
+    # address, localhost, 127.0.0.1 and ::1. Required when binding a wildcard address.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, the API is served over HTTPS
+    tls_key: str = ""
+    # Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For is believed.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    admin_socket: bool = True  # the local admin socket, <data>/admin.sock (peer-credential auth)
+    admin_group: str = ""  # members of this group may use the admin socket too
+
+
+class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    expiry_warning_days: Annotated[float, Meta(ge=0)] = 14.0  # keys expiring this soon are listed as expiring
+    # Failed authentication is counted per client address and reason over a window, and
+    # recorded once per window; past `failure_limit` in a window, further failing attempts
+    # from that address get 429 (a request with a valid key never does).
+    failure_window_seconds: Annotated[float, Meta(ge=1)] = 60.0
+    failure_limit: Positive = 20
 
 
 class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -44,6 +63,9 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # llama.cpp CPU kernels: "auto" picks the best variant this CPU and kernel allow, never one
     # in runtime.cpu.KNOWN_CRASHES; a variant name forces it (e.g. "sapphirerapids" for AMX).
     cpu_variant: str = "auto"
+    # Completion tokens when a request gives no max_tokens: what is generated at most, and what
+    # budgets and the tokens-per-minute limit reserve (settled on real use).
+    default_max_tokens: Positive = 512
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -90,6 +112,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     costs: CostSettings = msgspec.field(default_factory=CostSettings)
     upstream_prices: list[UpstreamPrice] = msgspec.field(default_factory=list)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
 
     @property
     def paths(self) -> DataPaths:
@@ -106,7 +129,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.model_settings(name).weights or self.runtime.weights
 
 
-_ENV_SECTIONS = {"server": ServerSettings, "runtime": RuntimeSettings, "costs": CostSettings, "audit": AuditSettings}
+_ENV_SECTIONS = {
+    "server": ServerSettings,
+    "runtime": RuntimeSettings,
+    "costs": CostSettings,
+    "audit": AuditSettings,
+    "auth": AuthSettings,
+}
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 RETENTION_POLICIES = ("none", "sha256", "redacted", "full")
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
 
@@ -143,10 +173,36 @@ def load_settings(
         raise ConfigError(
             f"runtime.cpu_variant: expected auto or one of {', '.join(VARIANTS)}, got {settings.runtime.cpu_variant!r}"
         )
+    if bool(settings.server.tls_cert) != bool(settings.server.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key: set both (HTTPS) or neither")
+    _check_networks(settings.server.trusted_proxies)
     names = [m.name for m in settings.models]
     if len(names) != len(set(names)):
         raise ConfigError("models: each [[models]] entry needs a distinct name")
     return settings
+
+
+def check_exposure(settings: Settings) -> None:
+    """What `serve` demands before it binds: a wildcard address only with an explicit host
+    allow-list (DNS rebinding), and named TLS files that exist. Raises `ConfigError`."""
+    server = settings.server
+    if server.host in WILDCARD_HOSTS and not server.allowed_hosts:
+        raise ConfigError(
+            f"server.host = {server.host!r} listens on every address, so server.allowed_hosts must name the "
+            "host names clients use (for example APPLIANCE_SERVER_ALLOWED_HOSTS=ai.example.lan)"
+        )
+    for name in ("tls_cert", "tls_key"):
+        value = getattr(server, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"server.{name}: {value} does not exist (appliance init --tls makes a pair)")
+
+
+def _check_networks(entries: list[str]) -> None:
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies: {entry!r} is not an IP address or network") from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -167,9 +223,12 @@ def _env_overrides(env: dict[str, str]) -> dict[str, dict[str, str]]:
             continue
         section, _, key = name[len("APPLIANCE_") :].lower().partition("_")
         if section in _ENV_SECTIONS and key:
-            if key not in _ENV_SECTIONS[section].__struct_fields__:
+            struct = _ENV_SECTIONS[section]
+            if key not in struct.__struct_fields__:
                 raise ConfigError(f"{name}: unknown setting {section}.{key}")
-            found.setdefault(section, {})[key] = value
+            # A list setting is comma-separated: APPLIANCE_SERVER_ALLOWED_HOSTS=ai.example.lan,10.0.0.5
+            is_list = isinstance(getattr(struct(), key), list)
+            found.setdefault(section, {})[key] = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
     return found
 
 

@@ -97,20 +97,27 @@ def _load(settings: Settings, model: RegisteredModel, gpus: list) -> LlamaEngine
         ctx,
         layers,
     )
-    return LlamaEngine(
-        weights.path,
-        name=model.name,
-        weights=weights,
-        n_ctx_per_slot=ctx,
-        slots=slots,
-        n_threads=per_model.n_threads or rt.n_threads,
-        n_batch=rt.n_batch,
-        n_gpu_layers=layers,
-        queue_limit=rt.queue_limit,
-        queue_timeout_s=rt.queue_timeout_seconds,
-        energy_watts=settings.costs.cpu_watts,
-        draft_tokens=rt.draft_tokens if per_model.draft_tokens is None else per_model.draft_tokens,
-    )
+    options = {
+        "name": model.name,
+        "n_ctx_per_slot": ctx,
+        "slots": slots,
+        "n_threads": per_model.n_threads or rt.n_threads,
+        "n_batch": rt.n_batch,
+        "n_gpu_layers": layers,
+        "queue_limit": rt.queue_limit,
+        "queue_timeout_s": rt.queue_timeout_seconds,
+        "energy_watts": settings.costs.cpu_watts,
+        "draft_tokens": rt.draft_tokens if per_model.draft_tokens is None else per_model.draft_tokens,
+    }
+    try:
+        return LlamaEngine(weights.path, weights=weights, **options)
+    except ModelLoadError as exc:
+        if weights.encoding == "original":
+            raise
+        # A re-encoding llama.cpp then refuses costs speed, not the model.
+        log.error("model %s: llama.cpp refused its %s weights (%s); serving the file as it is", model.name, weights.encoding, exc)
+        original = original_weights(info, note=f"the {weights.encoding} re-encoding did not load: {exc}")
+        return LlamaEngine(original.path, weights=original, **options)
 
 
 def served_weights(settings: Settings, name: str, info: ModelInfo, *, on_gpu: bool) -> ServedWeights:

@@ -55,11 +55,16 @@ class ContextLengthExceeded(InvalidRequest):
 
 
 class AuthenticationFailed(ApplianceError):
-    """No key, an unknown, revoked or expired key."""
+    """No key, an unknown, revoked or expired key. `reason` is one of "missing", "invalid",
+    "revoked", "expired" (counted per client address, never shown with the key)."""
 
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PermissionDenied(ApplianceError):

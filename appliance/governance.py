@@ -7,6 +7,7 @@ in); `Governance.complete` is called exactly once per request, also on client di
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -43,14 +44,6 @@ class Admission:
 
 
 @dataclass(slots=True)
-class AdminAction:
-    action: str
-    target: str | None
-    before: dict[str, Any] | None = None
-    after: dict[str, Any] | None = None
-
-
-@dataclass(slots=True)
 class RequestContext:
     """Everything the audit record and the usage record need, gathered along the request."""
 
@@ -66,8 +59,12 @@ class RequestContext:
     admission: Admission | None = None
     finished: Finished | None = None
     streamed_tokens: int = 0  # tokens already sent, for a stream cut short
-    admin: AdminAction | None = None
     error_code: str | None = None
+    weights: dict[str, str] | None = None  # the files that served it: encoding and sha256s
+    route_trail: str | None = None
+    recorded: bool = False  # an admin change wrote this request's record in its own transaction
+    auth_failed: bool = False  # counted by auth.failures, not recorded one by one
+    used_tokens: int = 0  # what metering charged, for the rate limiter's refund
     completed: bool = False
 
 
@@ -92,6 +89,7 @@ class Governance:
         self.costs = costs
         self.budgets = budgets
         self.limiter = limiter
+        self._detached: set[asyncio.Task[None]] = set()
 
     # -- before compute ---------------------------------------------------------------------
     def admit(self, ctx: RequestContext, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
@@ -118,14 +116,18 @@ class Governance:
     async def complete(self, ctx: RequestContext, status: int) -> None:
         """Settle, and commit the usage and audit records in one transaction.
 
-        Raises `AuditUnavailable` when the records cannot be committed; the reservation is then
+        The records are built off the event loop (retention may redact megabytes of prompt).
+        Raises `AuditUnavailable` when they cannot be committed; the reservation is then
         released so the ledger keeps matching the usage table.
         """
-        if not self.enabled:
-            ctx.completed = True
+        if ctx.completed:
             return
-        job, settle = self._prepare(ctx, status)
+        ctx.completed = True  # first, so a disconnect while this waits cannot record twice
+        if not self.enabled or (ctx.recorded and status < 400) or (ctx.auth_failed and ctx.principal is None):
+            self._release(ctx)
+            return
         try:
+            job, settle = await asyncio.to_thread(self._prepare, ctx, status)
             await self._store.write(job)
         except (StoreError, OSError) as exc:
             raise AuditUnavailable(f"the audit record could not be written: {exc}") from exc
@@ -135,42 +137,31 @@ class Governance:
             self._release(ctx)
 
     def complete_nowait(self, ctx: RequestContext, status: int) -> None:
-        """For a request whose client is gone: queue the same write without waiting on it."""
-        if not self.enabled:
-            ctx.completed = True
+        """For a request whose client is gone: the same write, not waited on."""
+        if ctx.completed:
             return
-        try:
-            job, settle = self._prepare(ctx, status)
-        except Exception:
-            log.exception("could not account request %s", ctx.request_id)
-            self._release(ctx)
-            return
+        task = asyncio.get_running_loop().create_task(self._complete_detached(ctx, status))
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
 
-        def done(future: Any) -> None:
-            if future.exception() is None:
-                settle()
-            else:
-                log.error("audit write for request %s failed: %s", ctx.request_id, future.exception())
-            self._release(ctx)
-
+    async def _complete_detached(self, ctx: RequestContext, status: int) -> None:
         try:
-            self._store.submit(job).add_done_callback(done)
-        except StoreError:
-            log.error("store closed; request %s not recorded", ctx.request_id)
-            self._release(ctx)
+            await self.complete(ctx, status)
+        except Exception as exc:  # nobody is waiting: log it, never raise into the loop
+            log.error("request %s could not be recorded: %s", ctx.request_id, exc)
+
+    async def drain(self) -> None:
+        """Wait for the records of requests whose clients went away (at shutdown)."""
+        if self._detached:
+            await asyncio.gather(*list(self._detached), return_exceptions=True)
 
     def _prepare(self, ctx: RequestContext, status: int) -> tuple[Callable[[Any], Any], Callable[[], None]]:
-        ctx.completed = True
         now = time.time()
         usage = self._usage(ctx, status, now)
-        body = self._audit_body(ctx, status, usage)
+        body, content = self._audit_body(ctx, status, usage)
         p = ctx.principal
         audit_fn = self.audit.append_fn(
-            "admin" if ctx.admin and status < 400 else "request",
-            body,
-            key_id=p.key_id if p else None,
-            team_id=p.team_id if p else None,
-            ts=now,
+            "request", body, key_id=p.key_id if p else None, team_id=p.team_id if p else None, ts=now, content=content
         )
         if usage is None:
             return audit_fn, lambda: None
@@ -189,8 +180,9 @@ class Governance:
         if admission is None or admission.reservation is None:
             return
         self.budgets.release(admission.reservation)  # no-op once settled
-        used = ctx.finished.prompt_tokens + ctx.finished.completion_tokens if ctx.finished else 0
-        self.limiter.refund(ctx.principal.key_id if ctx.principal else "", admission.charged_tokens - used)
+        # What metering charged stays charged, a stream cut short included (its tokens were
+        # computed); only the unused rest of the worst case goes back.
+        self.limiter.refund(ctx.principal.key_id if ctx.principal else "", admission.charged_tokens - ctx.used_tokens)
 
     def _usage(self, ctx: RequestContext, status: int, now: float) -> tuple[UsageRecord, Any] | None:
         admission, p = ctx.admission, ctx.principal
@@ -214,6 +206,7 @@ class Governance:
             model, prompt_tokens=prompt, completion_tokens=completion, energy_joules=energy, compute_seconds=compute_s
         )
         bill = admission.reservation.bill(cost=measured, tokens=prompt + completion)
+        ctx.used_tokens = prompt + completion
         record = UsageRecord(
             request_id=ctx.request_id,
             ts=now,
@@ -233,19 +226,12 @@ class Governance:
         )
         return record, bill
 
-    def _audit_body(self, ctx: RequestContext, status: int, usage: tuple[UsageRecord, Any] | None) -> dict[str, Any]:
+    def _audit_body(
+        self, ctx: RequestContext, status: int, usage: tuple[UsageRecord, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, str] | None]:
+        """The request record's body, and the kept text to store beside it (if any)."""
         p = ctx.principal
         principal = {"key_id": p.key_id, "key_name": p.name, "team": p.team_id, "role": str(p.role)} if p else None
-        if ctx.admin and status < 400:
-            return {
-                "request_id": ctx.request_id,
-                "actor": principal,
-                "action": ctx.admin.action,
-                "target": ctx.admin.target,
-                "before": ctx.admin.before,
-                "after": ctx.admin.after,
-                "client": ctx.client,
-            }
         if status == CLIENT_CLOSED or (ctx.finished is not None and ctx.finished.reason == "cancelled"):
             outcome = "cancelled"
         else:
@@ -272,9 +258,15 @@ class Governance:
         }
         if ctx.error_code:
             body["error"] = ctx.error_code
+        if ctx.weights is not None:
+            body["weights"] = ctx.weights
+        if ctx.route_trail is not None:
+            body["route_trail"] = ctx.route_trail
+        content = None
         if ctx.prompt_text is not None and p is not None:
             policy = resolve_policy(p.prompt_retention, None, self._settings.audit.default_prompt_retention)
             kept = retain(policy, ctx.prompt_text)
             if kept is not None:
-                body["prompt"] = kept
-        return body
+                body["prompt"] = kept.digest
+                content = {"prompt": kept.text} if kept.text is not None else None
+        return body, content

@@ -1,21 +1,46 @@
-"""Turns an OpenAI-style request into a generation on the right engine: resolves and checks the
-model, counts the prompt, sizes the completion, builds the sampling settings."""
+"""Turns a chat or completion into a generation on the right engine: resolves and checks the
+model, renders and counts the prompt once, sizes the completion, compiles the response
+format. The slow parts (the chat template and tokeniser over a long prompt, the JSON schema
+to grammar conversion) run in a worker thread, never on the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from appliance.api.schemas import ChatCompletionRequest, CompletionRequest
 from appliance.auth import Principal
 from appliance.engine_pool import EnginePool
 from appliance.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
-from runtime.engine import Engine, Finished, GenerationEvent, GenerationRequest, SamplingParams, TokenEvent
+from runtime.engine import (
+    Engine,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    fit_completion,
+)
 from runtime.errors import EngineUnavailable, RuntimeFault
 from runtime.llama_engine import JSON_OBJECT_GRAMMAR, json_schema_to_grammar
 
 _SYSTEM_ALIASES = {"developer": "system"}
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationInput:
+    """What a chat or completion request asks for, in the API's terms. Exactly one of
+    `messages` (role and content strings) and `prompt` is set. `response_format` is None,
+    `{"type": "json_object"}` or `{"type": "json_schema", "schema": {...}}`."""
+
+    model: str
+    max_tokens: int | None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +54,9 @@ class Prepared:
 
 
 class InferenceService:
-    def __init__(self, pool: EnginePool) -> None:
+    def __init__(self, pool: EnginePool, *, default_max_tokens: int = 512) -> None:
         self.pool = pool
+        self.default_max_tokens = default_max_tokens
 
     def resolve(self, principal: Principal, model: str) -> Engine:
         """The engine for `model`, or `ModelNotFound` when it is unknown or not allowed to the key."""
@@ -42,32 +68,20 @@ class InferenceService:
     def visible_models(self, principal: Principal) -> list[str]:
         return [name for name in self.pool.names() if principal.may_use(name)]
 
-    # -- preparing ------------------------------------------------------------------------------
-    def prepare_chat(self, principal: Principal, body: ChatCompletionRequest) -> Prepared:
-        _refuse_unsupported(body)
-        if body.tools:
-            raise InvalidRequest("tools are not supported by the local models", param="tools")
-        if body.top_logprobs:
-            raise InvalidRequest("top_logprobs is not supported", param="top_logprobs")
-        engine = self.resolve(principal, body.model)
-        messages = [
-            {"role": _SYSTEM_ALIASES.get(m.role, m.role), "content": m.text()} for m in body.messages
-        ]
-        prompt_tokens = engine.count_chat_tokens(messages)
-        max_tokens = _size_completion(engine, prompt_tokens, body.max_completion_tokens or body.max_tokens)
-        sampling = _sampling(body, grammar=_grammar(body))
-        request = GenerationRequest(max_tokens=max_tokens, messages=messages, sampling=sampling, stop=_stops(body.stop))
-        return Prepared(body.model, engine, request, prompt_tokens)
+    async def prepare(self, principal: Principal, spec: GenerationInput) -> Prepared:
+        engine = self.resolve(principal, spec.model)
+        return await asyncio.to_thread(self._prepare, engine, spec)
 
-    def prepare_completion(self, principal: Principal, body: CompletionRequest, prompt: str) -> Prepared:
-        _refuse_unsupported(body)
-        if body.echo or (body.best_of or 1) > 1 or body.suffix:
-            raise InvalidRequest("echo, best_of and suffix are not supported", param="echo")
-        engine = self.resolve(principal, body.model)
-        prompt_tokens = len(engine.tokenize(prompt))
-        max_tokens = _size_completion(engine, prompt_tokens, body.max_tokens or 16)
-        request = GenerationRequest(max_tokens=max_tokens, prompt=prompt, sampling=_sampling(body), stop=_stops(body.stop))
-        return Prepared(body.model, engine, request, prompt_tokens)
+    def _prepare(self, engine: Engine, spec: GenerationInput) -> Prepared:
+        messages = None
+        if spec.messages is not None:
+            messages = [{"role": _SYSTEM_ALIASES.get(m["role"], m["role"]), "content": m["content"]} for m in spec.messages]
+        sampling = replace(spec.sampling, grammar=_grammar(spec.response_format))
+        draft = GenerationRequest(max_tokens=1, prompt=spec.prompt, messages=messages, sampling=sampling, stop=spec.stop)
+        tokens = engine.tokens_for(draft)
+        max_tokens = fit_completion(len(tokens), spec.max_tokens, engine.context_length, default=self.default_max_tokens)
+        request = replace(draft, max_tokens=max_tokens, tokens=tuple(tokens))
+        return Prepared(spec.model, engine, request, len(tokens))
 
     # -- running --------------------------------------------------------------------------------
     async def open_stream(self, prepared: Prepared) -> AsyncIterator[GenerationEvent]:
@@ -77,45 +91,45 @@ class InferenceService:
         try:
             first = await anext(stream)
         except BaseException:
-            await stream.aclose()
+            await stream.aclose()  # type: ignore[attr-defined]
             raise
         return _prepend(first, stream)
 
     async def run(self, prepared: Prepared) -> tuple[str, Finished]:
+        """The whole answer. A generation that fails or is cancelled (the server shutting
+        down) raises, so that it is never answered as a complete one."""
         parts: list[str] = []
-        finished: Finished | None = None
         stream = await self.open_stream(prepared)
         try:
             async for event in stream:
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
+                elif event.reason in ("error", "cancelled"):
+                    raise generation_failure(event)
                 else:
-                    finished = event
+                    return "".join(parts), event
         finally:
-            await stream.aclose()
-        assert finished is not None, "engine stream ended without Finished"
-        if finished.reason == "error":  # nothing was sent yet: the whole answer is an error
-            raise generation_failure(finished)
-        return "".join(parts), finished
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise EngineUnavailable("the model ended the stream without finishing")
 
-    def prepare_embeddings(self, principal: Principal, model: str, texts: list[str]) -> tuple[Engine, int]:
-        """Check the inputs and count their tokens; returns the engine and the token total."""
+    async def prepare_embeddings(self, principal: Principal, model: str, texts: list[str]) -> tuple[Engine, int]:
+        """Check the inputs and count their tokens (off the loop); the engine and the total."""
         engine = self.resolve(principal, model)
         if any(not t for t in texts):
             raise InvalidRequest("input must not contain empty strings", param="input")
-        total = 0
-        for text in texts:
-            n = len(engine.tokenize(text))
-            if n > engine.context_length:
-                raise ContextLengthExceeded(
-                    f"An input is {n} tokens; this model embeds at most {engine.context_length}.", param="input"
-                )
-            total += n
-        return engine, total
+        counts = await asyncio.to_thread(lambda: [len(engine.tokenize(t)) for t in texts])
+        longest = max(counts)
+        if longest > engine.context_length:
+            raise ContextLengthExceeded(
+                f"An input is {longest} tokens; this model embeds at most {engine.context_length}.", param="input"
+            )
+        return engine, sum(counts)
 
 
 def generation_failure(finished: Finished) -> RuntimeFault:
-    """The error behind a `Finished("error")`; engines that give none failed for their own reasons."""
+    """The error behind a `Finished("error")` or `Finished("cancelled")`."""
+    if finished.reason == "cancelled":
+        return EngineUnavailable("the generation was cancelled: the server is shutting down")
     return finished.error or EngineUnavailable("the model failed mid-generation")
 
 
@@ -128,69 +142,18 @@ async def _prepend(first: GenerationEvent, rest: AsyncIterator[GenerationEvent])
         await rest.aclose()  # type: ignore[attr-defined]
 
 
-def _refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
-    if (body.n or 1) > 1:
-        raise InvalidRequest("n > 1 is not supported; send separate requests", param="n")
-    if body.logprobs:
-        raise InvalidRequest("logprobs is not supported", param="logprobs")
-    if body.logit_bias:
-        raise InvalidRequest("logit_bias is not supported", param="logit_bias")
-
-
-def _size_completion(engine: Engine, prompt_tokens: int, requested: int | None) -> int:
-    limit = engine.context_length
-    if requested is None:
-        if prompt_tokens >= limit:
-            raise _overflow(limit, prompt_tokens, 0)
-        return limit - prompt_tokens
-    if prompt_tokens + requested > limit:
-        raise _overflow(limit, prompt_tokens, requested)
-    return requested
-
-
-def _overflow(limit: int, prompt: int, completion: int) -> ContextLengthExceeded:
-    return ContextLengthExceeded(
-        f"This model's maximum context length is {limit} tokens. However, you requested "
-        f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). "
-        "Please reduce the length of the messages or completion.",
-        param="messages",
-    )
-
-
-def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    return tuple(s for s in stops if s)
-
-
-def _sampling(body: ChatCompletionRequest | CompletionRequest, *, grammar: str | None = None) -> SamplingParams:
-    defaults = SamplingParams()
-    return SamplingParams(
-        temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p,
-        seed=body.seed,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        grammar=grammar,
-    )
-
-
-def _grammar(body: ChatCompletionRequest) -> str | None:
-    fmt = body.response_format
-    if fmt is None or fmt.type == "text":
+def _grammar(response_format: dict[str, Any] | None) -> str | None:
+    if response_format is None or response_format.get("type") == "text":
         return None
-    if fmt.type == "json_object":
+    if response_format["type"] == "json_object":
         return JSON_OBJECT_GRAMMAR
-    spec = fmt.json_schema
-    if not spec or not isinstance(spec.schema, dict):
+    schema = response_format.get("schema")
+    if not isinstance(schema, dict):
         raise InvalidRequest("response_format json_schema needs json_schema.schema", param="response_format")
     try:
-        return json_schema_to_grammar(spec.schema)
+        return json_schema_to_grammar(schema)
     except Exception as exc:  # the converter raises assorted types on schemas it cannot express
-        raise InvalidRequest(
-            f"response_format json_schema cannot be enforced: {exc}", param="response_format"
-        ) from None
+        raise InvalidRequest(f"response_format json_schema cannot be enforced: {exc}", param="response_format") from None
 
 
 def usage_dict(finished: Finished) -> dict[str, Any]:

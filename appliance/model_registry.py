@@ -8,14 +8,17 @@ import re
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from appliance.audit.log import Actor, AuditLog
 from appliance.errors import Conflict, InvalidRequest, NotFound
 from appliance.store import Store
+from runtime.encodings import remove_encoded
 from runtime.errors import ModelFileError
 from runtime.model_file import ModelInfo, inspect_model
-from runtime.weights import remove_encoded
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
@@ -45,12 +48,19 @@ def default_name(path: Path) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, store: Store, models_dir: Path) -> None:
+    def __init__(self, store: Store, models_dir: Path, audit: AuditLog | None = None) -> None:
         self._store = store
         self._dir = models_dir
+        self._audit = audit  # None: read-only use
 
-    def add(self, source: Path, name: str | None = None) -> RegisteredModel:
-        """Validate `source`, copy it into the models directory and record it.
+    def _admin_fn(self, actor: Actor, action: str, target: str, **change: Any) -> Callable[[sqlite3.Connection], int]:
+        if self._audit is None:
+            raise RuntimeError("this ModelRegistry was built without an audit log and cannot change models")
+        return self._audit.admin_fn(actor, action, target, **change)
+
+    def add(self, source: Path, name: str | None = None, *, actor: Actor) -> RegisteredModel:
+        """Validate `source`, copy it into the models directory and record it, with its admin
+        audit record in the same transaction.
 
         Raises `InvalidRequest` for a bad file or name and `Conflict` for a taken name.
         Nothing is left behind when any step fails.
@@ -74,7 +84,8 @@ class ModelRegistry:
             _link_or_copy(source, tmp)
             os.replace(tmp, dest)
             record = _from_info(name, dest, info)
-            self._store.write_sync(lambda conn: _insert(conn, record))
+            audit = self._admin_fn(actor, "models.add", name, after=record.to_dict())
+            self._store.write_sync(lambda conn: (_insert(conn, record), audit(conn)))
         except BaseException:
             tmp.unlink(missing_ok=True)
             if self.find(name) is None:
@@ -99,9 +110,12 @@ class ModelRegistry:
     def list(self) -> list[RegisteredModel]:
         return [_from_row(r) for r in self._store.query("SELECT * FROM models ORDER BY added_at, name")]
 
-    def remove(self, name: str) -> RegisteredModel:
+    def remove(self, name: str, *, actor: Actor) -> RegisteredModel:
         record = self.get(name)
-        self._store.write_sync(lambda conn: conn.execute("DELETE FROM models WHERE name = ?", (name,)))
+        audit = self._admin_fn(actor, "models.remove", name, before=record.to_dict())
+        self._store.write_sync(
+            lambda conn: (conn.execute("DELETE FROM models WHERE name = ?", (name,)), audit(conn))
+        )
         path = Path(record.path)
         if path.parent == self._dir:
             path.unlink(missing_ok=True)

@@ -51,6 +51,16 @@ class DataPaths:
     def server_secret(self) -> Path:
         return self.keys / "server_secret"
 
+    @property
+    def admin_socket(self) -> Path:
+        """The running server's local admin socket (peer-credential authentication)."""
+        return self.root / "admin.sock"
+
+    @property
+    def tls(self) -> Path:
+        """The self-signed certificate and key `appliance init --tls` makes."""
+        return self.keys / "tls"
+
     def ensure(self) -> None:
         """Create the directories, owner-only where secrets live."""
         self.root.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,12 @@ import re
 import sqlite3
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from appliance.audit.log import Actor, AuditLog
 from appliance.config import RETENTION_POLICIES
 from appliance.errors import Conflict, InvalidRequest, NotFound
 from appliance.store import Store
@@ -54,10 +56,18 @@ _SELECT = (
 
 
 class TeamService:
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    """Teams; each change is written with its admin audit record, in one transaction."""
 
-    def create(self, name: str, prompt_retention: str | None = None) -> Team:
+    def __init__(self, store: Store, audit: AuditLog | None = None) -> None:
+        self._store = store
+        self._audit = audit  # None: read-only use (budgets look teams up)
+
+    def _admin_fn(self, actor: Actor, action: str, target: str, **change: Any) -> Callable[[sqlite3.Connection], int]:
+        if self._audit is None:
+            raise RuntimeError("this TeamService was built without an audit log and cannot change teams")
+        return self._audit.admin_fn(actor, action, target, **change)
+
+    def create(self, name: str, prompt_retention: str | None = None, *, actor: Actor) -> Team:
         name = name.strip()
         if not name or len(name) > 100:
             raise InvalidRequest("team name must be 1 to 100 characters", param="name")
@@ -66,6 +76,7 @@ class TeamService:
             raise InvalidRequest(f"team name {name!r} needs at least one letter or digit", param="name")
         _check_retention(prompt_retention)
         row = {"id": team_id, "name": name, "prompt_retention": prompt_retention, "created_at": time.time()}
+        audit = self._admin_fn(actor, "teams.create", team_id, after=Team(**row).to_dict())
 
         def insert(conn: sqlite3.Connection) -> None:
             clash = conn.execute("SELECT id FROM teams WHERE id = :id OR name = :name", row).fetchone()
@@ -75,6 +86,7 @@ class TeamService:
                 "INSERT INTO teams (id, name, prompt_retention, created_at) VALUES (:id, :name, :prompt_retention, :created_at)",
                 row,
             )
+            audit(conn)
 
         self._store.write_sync(insert)
         return self.get(team_id)
@@ -89,16 +101,21 @@ class TeamService:
             raise NotFound(f"No team {id_or_name!r}.")
         return _team(row)
 
-    def set_retention(self, id_or_name: str, prompt_retention: str | None) -> Team:
+    def set_retention(self, id_or_name: str, prompt_retention: str | None, *, actor: Actor) -> Team:
         """Change the team's prompt-retention policy (None: the appliance default)."""
         _check_retention(prompt_retention)
         team = self.get(id_or_name)
-        self._store.write_sync(
-            lambda conn: conn.execute("UPDATE teams SET prompt_retention = ? WHERE id = ?", (prompt_retention, team.id))
-        )
+        after = Team(team.id, team.name, prompt_retention, team.created_at, team.key_count)
+        audit = self._admin_fn(actor, "teams.update", team.id, before=team.to_dict(), after=after.to_dict())
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE teams SET prompt_retention = ? WHERE id = ?", (prompt_retention, team.id))
+            audit(conn)
+
+        self._store.write_sync(write)
         return self.get(team.id)
 
-    def delete(self, id_or_name: str) -> Team:
+    def delete(self, id_or_name: str, *, actor: Actor) -> Team:
         """Delete an empty team and its budgets; refuse with `Conflict` while keys belong to it.
 
         Past usage rows keep the team id, so reports stay complete.
@@ -106,6 +123,7 @@ class TeamService:
         team = self.get(id_or_name)
         if team.id == DEFAULT_TEAM:
             raise Conflict("the default team cannot be deleted")
+        audit = self._admin_fn(actor, "teams.delete", team.id, before=team.to_dict())
 
         def delete(conn: sqlite3.Connection) -> None:
             (keys,) = conn.execute("SELECT COUNT(*) FROM api_keys WHERE team_id = ?", (team.id,)).fetchone()
@@ -116,6 +134,7 @@ class TeamService:
                 )
             conn.execute("DELETE FROM budgets WHERE scope = 'team' AND scope_id = ?", (team.id,))
             conn.execute("DELETE FROM teams WHERE id = ?", (team.id,))
+            audit(conn)
 
         self._store.write_sync(delete)
         return team

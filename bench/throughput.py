@@ -4,6 +4,8 @@
   (b) the appliance over HTTP, streaming, at each concurrency level;
   (c) llama-cpp-python's own server (`python -m llama_cpp.server`, from .bench-venv; run
       bench/setup_peer.sh first) with `--interrupt_requests False`, at the same levels;
+  (d) the newest llama.cpp `llama-server` (.bench-peers/llama-server, also built by
+      bench/setup_peer.sh, without AMX) with `-np 8 -c 8192`, at the same levels;
 
 plus two workloads at concurrency 8 on (b) and (c): 16 requests sharing one ~780-token system
 prompt, and 16 requests whose answers copy from their prompts (correct or retitle a memo:
@@ -184,6 +186,34 @@ def raw_single_stream(llm, max_tokens: int, runs: int = 3) -> dict:
     return {"tokens_per_s": statistics.fmean(rates), "runs": runs}
 
 
+def _wait_up(proc: subprocess.Popen[bytes], url: str, name: str) -> None:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not start")
+
+
+def start_llama_server(model: Path, threads: int, port: int, adapter: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    """The newest llama.cpp server, with 8 slots sharing an 8192-token context."""
+    binary = REPO / ".bench-peers" / "llama-server"
+    if not binary.exists():
+        raise SystemExit("run bench/setup_peer.sh first (builds .bench-peers/llama-server)")
+    proc = subprocess.Popen(
+        [str(binary), "-m", str(model), "-np", "8", "-c", "8192", "-t", str(threads), "--port", str(port),
+         "--alias", MODEL_NAME, *(["--lora", adapter] if adapter else [])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_up(proc, url, "llama-server")
+    return proc, url
+
+
 def start_peer(model: Path, threads: int, port: int, adapter: str = "") -> tuple[subprocess.Popen[bytes], str]:
     python = REPO / ".bench-venv" / "bin" / "python"
     if not python.exists():
@@ -211,13 +241,8 @@ def start_peer(model: Path, threads: int, port: int, adapter: str = "") -> tuple
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("llama_cpp.server did not start")
+    _wait_up(proc, url, "llama_cpp.server")
+    return proc, url
 
 
 @dataclass
@@ -351,7 +376,7 @@ def ratios(result: dict) -> dict:
         if "8" in app
         else None,
     }
-    for other, suffix in (("llama_cpp_server", "peer"), ("appliance_no_drafts", "no_drafts")):
+    for other, suffix in (("llama_cpp_server", "peer"), ("llama_server", "llama_server"), ("appliance_no_drafts", "no_drafts")):
         if other in result:
             for name in app:
                 out[f"{name}_vs_{suffix}"] = app[name]["aggregate_tokens_per_s"] / max(
@@ -368,7 +393,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--skip-peer", action="store_true", help="run no peer server")
+    parser.add_argument("--peers", default="llama_cpp_server,llama_server", help="which peers to run, comma-separated")
     parser.add_argument("--rounds", type=int, default=2, help="repeat every workload on every server; medians reported")
     parser.add_argument(
         "--peer-weights",
@@ -380,10 +406,22 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    report: dict = {"model": args.model.name, "threads": args.threads, "max_tokens": args.max_tokens, "rounds": []}
+    sys.path.insert(0, str(REPO))
+    from runtime.cpu import detect
+
+    cpu = detect()
+    report: dict = {
+        "model": args.model.name,
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "cpu": cpu.model,
+        "cpu_has_amx": {"AMX_TILE", "AMX_INT8"} <= (cpu.features | cpu.cpu_only),
+        "rounds": [],
+    }
     config = f"[runtime]\nn_threads = {args.threads}\nslots = {args.slots}\n"  # default ctx_per_slot
     app = start_appliance(args.model, port=18300, config=config)
-    peer_proc = plain = None
+    peer_procs: list[subprocess.Popen[bytes]] = []
+    plain = None
     try:
         report["appliance_idle_rss_mb"] = app.rss_mb()
         weights = served_weights(app.url, app.key)
@@ -398,9 +436,18 @@ def main() -> None:
         if args.drafts_ab:
             plain = start_appliance(args.model, port=18302, config=config + "draft_tokens = 0\n")
             servers.append(Server("appliance_no_drafts", plain.url, plain.key, plain.process.pid))
-        if not args.skip_peer:
+        peers = [] if args.skip_peer else args.peers.split(",")
+        if "llama_cpp_server" in peers:
             peer_proc, peer_url = start_peer(other_model, args.threads, 18301, other_adapter)
+            peer_procs.append(peer_proc)
             servers.append(Server("llama_cpp_server", peer_url, "none", peer_proc.pid))
+        if "llama_server" in peers:
+            peer_proc, peer_url = start_llama_server(other_model, args.threads, 18303, other_adapter)
+            peer_procs.append(peer_proc)
+            servers.append(Server("llama_server", peer_url, "none", peer_proc.pid))
+        report["appliance_cpu_backend"] = httpx.get(
+            app.url + "/admin/models", headers={"Authorization": f"Bearer {app.key}"}, timeout=10
+        ).json()["backend"]
         for server in servers:  # warm-up: first request pays lazy initialisation
             run_workload(server, [chat_body(0, 8)], 1)
         for round_no in range(args.rounds):
@@ -412,7 +459,7 @@ def main() -> None:
         app.stop()
         if plain is not None:
             plain.stop()
-        if peer_proc is not None:
+        for peer_proc in peer_procs:
             peer_proc.terminate()
             peer_proc.wait(30)
     keys = report["rounds"][0]["targets"].keys()

@@ -8,26 +8,11 @@ import os
 
 import llama_cpp
 
-from ._offset_adapter import NEEDS_ADAPTER_KEY
 from .backend import ensure_backend, model_buffers
+from .encodings import NEEDS_ADAPTER_KEY
 from .errors import InvalidGenerationRequest, ModelFileError, ModelLoadError
 
 log = logging.getLogger("runtime.llama_cpp")
-
-
-def _penalties_fn():
-    """`llama_sampler_init_penalties` with the C signature of the vendored llama.h.
-
-    llama-cpp-python 0.3.x declares a fifth leading `n_vocab` argument that the C function no
-    longer takes; we bind our own function pointer instead of relying on register luck.
-    """
-    fn = llama_cpp.llama_cpp._lib["llama_sampler_init_penalties"]
-    fn.argtypes = [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ctypes.c_float]
-    fn.restype = llama_cpp.llama_sampler_p_ctypes
-    return fn
-
-
-sampler_init_penalties = _penalties_fn()
 
 
 class Model:

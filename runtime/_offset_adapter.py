@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from runtime.encodings import NEEDS_ADAPTER_KEY, SPLIT_ARCHITECTURES
+
 __all__ = ["NEEDS_ADAPTER_KEY", "SPLIT_ARCHITECTURES", "block_offsets", "write_split"]
 
 # Written into the split model: without its adapter it loads fine and answers garbage.
-NEEDS_ADAPTER_KEY = "appliance.block_offsets_adapter"
 
-SPLIT_ARCHITECTURES: frozenset[str] = frozenset({"llama"})
 
 _BLOCK = 32
 _Q4_1_BYTES = 20  # f16 d, f16 m, 16 bytes of codes

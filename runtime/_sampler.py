@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from ._native import Model, sampler_init_penalties
+from ._native import Model
 from .engine import SamplingParams
 from .errors import GrammarDeadEnd, InvalidGenerationRequest
 
@@ -63,10 +63,12 @@ def validate(params: SamplingParams) -> None:
     """Reject values llama.cpp would misbehave on, before anything is queued."""
     checks = (
         (math.isfinite(params.temperature) and params.temperature >= 0, "temperature must be >= 0"),
-        (math.isfinite(params.top_p) and 0 < params.top_p <= 1, "top_p must be in (0, 1]"),
+        (math.isfinite(params.top_p) and 0 <= params.top_p <= 1, "top_p must be in [0, 1]"),
         (params.top_k >= 0, "top_k must be >= 0"),
         (math.isfinite(params.min_p) and 0 <= params.min_p <= 1, "min_p must be in [0, 1]"),
         (math.isfinite(params.repeat_penalty) and params.repeat_penalty > 0, "repeat_penalty must be > 0"),
+        (math.isfinite(params.presence_penalty) and -2 <= params.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+        (math.isfinite(params.frequency_penalty) and -2 <= params.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
     )
     for ok, message in checks:
         if not ok:
@@ -161,7 +163,8 @@ class Sampler:
 def build_sampler(model: Model, params: SamplingParams) -> Sampler:
     """A new sampler (caller frees it). Grammar first, then the usual pipeline.
 
-    Temperature 0 is greedy; otherwise penalties -> top_k -> top_p -> min_p -> temperature -> dist(seed).
+    Penalties (repeat, frequency, presence) first, then greedy at temperature 0, otherwise
+    top_k -> top_p -> min_p -> temperature -> dist(seed).
     Raises `InvalidGenerationRequest` when the grammar does not compile.
     """
     validate(params)
@@ -171,7 +174,7 @@ def build_sampler(model: Model, params: SamplingParams) -> Sampler:
         if not grammar:
             raise InvalidGenerationRequest("grammar does not compile (GBNF with a `root` rule expected)")
     try:
-        chain = _build_chain(params)
+        chain = _build_chain(params, model.n_vocab)
     except BaseException:
         if grammar:
             llama_cpp.llama_sampler_free(grammar)
@@ -179,12 +182,21 @@ def build_sampler(model: Model, params: SamplingParams) -> Sampler:
     return Sampler(chain, grammar, model.n_vocab, greedy=params.temperature == 0)
 
 
-def _build_chain(params: SamplingParams) -> int:
+def _build_chain(params: SamplingParams, n_vocab: int) -> int:
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
     try:
-        if params.repeat_penalty != 1.0:
-            add(chain, sampler_init_penalties(_PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+        # OpenAI's presence and frequency penalties are llama.cpp's: each token seen in the last
+        # 64 generated has its logit lowered by presence + count x frequency (repeat divides).
+        if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            # The vendored llama.h (0.3.36) takes n_vocab first; a binding without it left the
+            # window (penalty_last_n) to whatever was in a register, so answers changed by chance.
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab, _PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                ),
+            )
         if params.temperature == 0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain

@@ -6,9 +6,26 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from .errors import RuntimeFault
+from .errors import ContextOverflow, RuntimeFault
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+def fit_completion(prompt_tokens: int, max_tokens: int | None, context_length: int, *, default: int) -> int:
+    """The completion length to run: `max_tokens`, or when it is None `default` capped by the
+    room the prompt leaves. Raises `ContextOverflow` when the prompt and the completion do not
+    fit the context window: the one place that check is made."""
+    if max_tokens is None:
+        max_tokens = min(default, context_length - prompt_tokens)
+    if max_tokens < 1 or prompt_tokens + max_tokens > context_length:
+        raise ContextOverflow(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + max(max_tokens, 1)} tokens ({prompt_tokens} in the prompt, {max(max_tokens, 1)} in the "
+            "completion). Please reduce the length of the messages or completion.",
+            prompt_tokens=prompt_tokens,
+            limit=context_length,
+        )
+    return max_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +48,8 @@ class GenerationRequest:
     """One generation. Exactly one of `prompt` and `messages` is set.
 
     `messages` are OpenAI-style chat messages; the engine renders them with the
-    model's own chat template.
+    model's own chat template. `tokens`, when set, is that prompt as `Engine.tokens_for`
+    already rendered and tokenised it, so the engine does not do it again.
     """
 
     max_tokens: int
@@ -40,6 +58,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     request_id: str = ""
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +136,18 @@ class Engine(Protocol):
 
     def count_chat_tokens(self, messages: list[dict[str, Any]]) -> int:
         """Prompt tokens the messages take once rendered with the chat template."""
+        ...
+
+    def tokens_for(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt as the model sees it (chat template rendered, tokenised). Pure
+        CPU work that may take a while on a long prompt; safe to run on any thread. Raises
+        `InvalidGenerationRequest` for a request with neither or both of prompt and messages."""
+        ...
+
+    @property
+    def served_files(self) -> dict[str, str] | None:
+        """What exactly answers, for the audit log: encoding and sha256 of each file loaded
+        (None for engines without model files)."""
         ...
 
     def health(self) -> EngineHealth: ...

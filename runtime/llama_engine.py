@@ -23,8 +23,9 @@ from .engine import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    fit_completion,
 )
-from .errors import ContextOverflow, EngineUnavailable, InvalidGenerationRequest
+from .errors import EngineUnavailable, InvalidGenerationRequest
 from .weights import ServedWeights
 
 __all__ = ["JSON_OBJECT_GRAMMAR", "LlamaEngine", "json_schema_to_grammar"]
@@ -126,14 +127,8 @@ class LlamaEngine:
             raise EngineUnavailable(f"engine {self.name} is closed")
         if request.max_tokens < 1:
             raise InvalidGenerationRequest("max_tokens must be at least 1")
-        tokens = self._prompt_tokens(request)
-        if len(tokens) + request.max_tokens > self.context_length:
-            raise ContextOverflow(
-                f"prompt of {len(tokens)} tokens plus max_tokens {request.max_tokens} exceeds "
-                f"the context window of {self.context_length}",
-                prompt_tokens=len(tokens),
-                limit=self.context_length,
-            )
+        tokens = list(request.tokens) if request.tokens else self.tokens_for(request)
+        fit_completion(len(tokens), request.max_tokens, self.context_length, default=request.max_tokens)
         sampler = build_sampler(self._model, request.sampling)
         seq = Sequence(
             tokens=tokens,
@@ -179,6 +174,14 @@ class LlamaEngine:
 
     def count_chat_tokens(self, messages: list[dict[str, Any]]) -> int:
         return len(self._chat_tokens(messages))
+
+    @property
+    def served_files(self) -> dict[str, str] | None:
+        w = self._weights
+        if w is None:
+            return None
+        files = {"encoding": w.encoding, "sha256": w.sha256}
+        return files | {"adapter_sha256": w.adapter_sha256} if w.adapter_sha256 else files
 
     def health(self) -> EngineHealth:
         if self._closed:
@@ -235,7 +238,7 @@ class LlamaEngine:
         future = self._loop.call(lambda: [llama_cpp.llama_memory_seq_pos_max(mem, i) for i in range(self._slots)])
         return await asyncio.wrap_future(future)
 
-    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+    def tokens_for(self, request: GenerationRequest) -> list[int]:
         if (request.prompt is None) == (request.messages is None):
             raise InvalidGenerationRequest("set exactly one of prompt and messages")
         if request.messages is not None:

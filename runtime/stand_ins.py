@@ -17,6 +17,7 @@ from .engine import (
     GenerationEvent,
     GenerationRequest,
     TokenEvent,
+    fit_completion,
 )
 from .errors import ContextOverflow, EngineOverloaded, EngineUnavailable, InvalidGenerationRequest
 
@@ -78,19 +79,12 @@ class EchoEngine:
             raise InvalidGenerationRequest("set exactly one of prompt and messages")
         if request.max_tokens < 1:
             raise InvalidGenerationRequest("max_tokens must be at least 1")
+        prompt_tokens = len(request.tokens) if request.tokens else len(self.tokens_for(request))
         if request.messages is not None:
-            prompt_tokens = self.count_chat_tokens(request.messages)
             words = str(request.messages[-1].get("content") or "").split()
         else:
-            prompt_tokens = len(self.tokenize(request.prompt))
-            words = request.prompt.split()
-        if prompt_tokens + request.max_tokens > self.context_length:
-            raise ContextOverflow(
-                f"prompt of {prompt_tokens} tokens plus max_tokens {request.max_tokens} exceeds "
-                f"the context window of {self.context_length}",
-                prompt_tokens=prompt_tokens,
-                limit=self.context_length,
-            )
+            words = (request.prompt or "").split()
+        fit_completion(prompt_tokens, request.max_tokens, self.context_length, default=request.max_tokens)
         return prompt_tokens, words
 
     async def embed(self, texts: list[str]) -> Embeddings:
@@ -105,6 +99,17 @@ class EchoEngine:
 
     def count_chat_tokens(self, messages: list[dict[str, Any]]) -> int:
         return sum(4 + len(str(m.get("content") or "").split()) for m in messages) + 2
+
+    def tokens_for(self, request: GenerationRequest) -> list[int]:
+        if (request.prompt is None) == (request.messages is None):
+            raise InvalidGenerationRequest("set exactly one of prompt and messages")
+        if request.messages is not None:
+            return [1] * self.count_chat_tokens(request.messages)
+        return self.tokenize(request.prompt or "")
+
+    @property
+    def served_files(self) -> dict[str, str] | None:
+        return None
 
     def health(self) -> EngineHealth:
         return EngineHealth(ok=not self._closed, detail="closed" if self._closed else "echo")

@@ -29,38 +29,21 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
 
-from runtime._offset_adapter import SPLIT_ARCHITECTURES
+from runtime.encodings import ENCODINGS, REENCODED_TYPES, SPLIT, WeightsMode, cache_paths, planned_encoding, read_record
 from runtime.errors import ModelFileError, ModelLoadError
 from runtime.model_file import ModelInfo, inspect_model
 
-__all__ = [
-    "REENCODED_TYPES",
-    "ServedWeights",
-    "WeightsMode",
-    "encoding_for",
-    "is_built",
-    "planned_encoding",
-    "original_weights",
-    "remove_encoded",
-    "serve_weights",
-]
+__all__ = ["REENCODED_TYPES", "ServedWeights", "WeightsMode", "encoding_for", "original_weights", "serve_weights"]
 
 log = logging.getLogger(__name__)
 
-# "auto": the fastest re-encoding for the file; "q8_0": llama.cpp's quantiser only.
-WeightsMode = Literal["auto", "original", "q8_0"]
-
-# File types with no batched CPU matrix kernel in ggml, served as Q8_0 under "auto".
-REENCODED_TYPES: frozenset[str] = frozenset({"Q4_1", "Q5_1"})
-
 # llama_ftype for the encodings llama.cpp's quantiser writes.
 _FTYPES: dict[str, int] = {"q8_0": 7}
-_SPLIT = "q4_0_offsets"
-_ENCODINGS: tuple[str, ...] = (*_FTYPES, _SPLIT)
+
+
 # What inspect_model must report for a freshly built file of each encoding.
-_BUILT_QUANTIZATION: dict[str, str] = {"q8_0": "Q8_0", _SPLIT: "Q4_0"}
+_BUILT_QUANTIZATION: dict[str, str] = {"q8_0": "Q8_0", SPLIT: "Q4_0"}
 _FORMAT = 2  # of the JSON record; bump to rebuild every cached file
 _GGML_LOG_LEVEL_ERROR = 4
 
@@ -93,32 +76,6 @@ def encoding_for(info: ModelInfo, *, mode: WeightsMode, on_gpu: bool) -> str | N
     return planned_encoding(info.quantization, info.architecture, mode=mode, on_gpu=on_gpu)
 
 
-def planned_encoding(
-    quantization: str | None, architecture: str | None, *, mode: WeightsMode, on_gpu: bool
-) -> str | None:
-    """`encoding_for` from the two facts it depends on (what a registry record holds)."""
-    if mode == "original" or on_gpu or quantization not in REENCODED_TYPES:
-        return None
-    if mode == "auto" and quantization == "Q4_1" and architecture in SPLIT_ARCHITECTURES:
-        return _SPLIT
-    return "q8_0"
-
-
-def is_built(source_sha256: str, cache_dir: Path, encoding: str) -> bool:
-    """Whether a re-encoding of the file with this sha256 has been built (its record is there).
-    Not a check of its bytes: every load rehashes them."""
-    record = _read_record(_paths(source_sha256, cache_dir, encoding)[1])
-    return record is not None and record.get("source_sha256") == source_sha256
-
-
-def _read_record(path: Path) -> dict[str, object] | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def original_weights(info: ModelInfo, *, note: str = "") -> ServedWeights:
     """The registered file itself."""
     return ServedWeights(info.path, info.sha256, "original", info.sha256, info.size_bytes, note)
@@ -131,11 +88,6 @@ def _llama_cpp_version() -> str:
         return version("llama-cpp-python")
     except PackageNotFoundError:  # pragma: no cover - a source checkout without metadata
         return "unknown"
-
-
-def _paths(source_sha256: str, cache_dir: Path, encoding: str) -> tuple[Path, Path]:
-    stem = f"{source_sha256}.{encoding}"
-    return cache_dir / f"{stem}.gguf", cache_dir / f"{stem}.json"
 
 
 def _adapter_path(dest: Path) -> Path:
@@ -159,27 +111,15 @@ def serve_weights(
     encoding = encoding_for(info, mode=mode, on_gpu=on_gpu)
     if encoding is None:
         return original_weights(info)
-    dest, record_path = _paths(info.sha256, cache_dir, encoding)
+    dest, record_path = cache_paths(info.sha256, cache_dir, encoding)
     cached = _load_cached(info, dest, record_path, encoding)
     if cached is not None:
         return cached
     return _build(info, dest, record_path, encoding, timeout_s=timeout_s)
 
 
-def remove_encoded(source_sha256: str, cache_dir: Path) -> None:
-    """Delete every cached re-encoding of the file with this sha256 (after `models remove`).
-    A file that cannot be deleted is logged and left: it is derived data, rebuilt or ignored."""
-    for encoding in _ENCODINGS:
-        for suffix in (".gguf", ".adapter.gguf", ".json"):
-            path = cache_dir / f"{source_sha256}.{encoding}{suffix}"
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("could not delete %s: %s", path, exc.strerror or exc)
-
-
 def _load_cached(info: ModelInfo, dest: Path, record_path: Path, encoding: str) -> ServedWeights | None:
-    record = _read_record(record_path)
+    record = read_record(record_path)
     if record is None or record.get("format") != _FORMAT:
         return None
     if record.get("source_sha256") != info.sha256 or record.get("encoding") != encoding:
@@ -190,7 +130,7 @@ def _load_cached(info: ModelInfo, dest: Path, record_path: Path, encoding: str) 
         served = inspect_model(dest, expected_sha256=_text(record.get("sha256")))
         adapter = (
             inspect_model(_adapter_path(dest), expected_sha256=_text(record.get("adapter_sha256")))
-            if encoding == _SPLIT
+            if encoding == SPLIT
             else None
         )
     except ModelFileError as exc:
@@ -229,7 +169,9 @@ def _build(info: ModelInfo, dest: Path, record_path: Path, encoding: str, *, tim
     log.info("re-encoding %s (%s) as %s for batched CPU kernels", info.path, info.quantization, encoding)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "runtime.weights", info.path, str(tmp), encoding, str(adapter_tmp)],
+            # -P: the server's working directory is not put first on the child's sys.path, so a
+            # stray runtime/ or llama_cpp/ there cannot be imported instead of ours.
+            [sys.executable, "-P", "-m", "runtime.weights", info.path, str(tmp), encoding, str(adapter_tmp)],
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -245,7 +187,7 @@ def _build(info: ModelInfo, dest: Path, record_path: Path, encoding: str, *, tim
                 f"re-encoding {info.path} produced {built.quantization} {built.architecture}, "
                 f"expected {expect} {info.architecture}"
             )
-        adapter = inspect_model(adapter_tmp) if encoding == _SPLIT else None
+        adapter = inspect_model(adapter_tmp) if encoding == SPLIT else None
         if adapter is not None:
             _fsync(adapter_tmp)
             os.replace(adapter_tmp, adapter_dest)
@@ -344,7 +286,7 @@ def _quantize(source: str, dest: str, encoding: str) -> int:
 
 def _encode(source: str, dest: str, encoding: str, adapter_dest: str) -> int:
     """Child-process side: write `encoding` of `source`. Returns an exit status."""
-    if encoding != _SPLIT:
+    if encoding != SPLIT:
         return _quantize(source, dest, encoding)
     from runtime._offset_adapter import write_split
 
@@ -357,7 +299,7 @@ def _encode(source: str, dest: str, encoding: str, adapter_dest: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (4, 5) or sys.argv[3] not in _ENCODINGS:
-        sys.stderr.write(f"usage: python -m runtime.weights SOURCE DEST {{{','.join(_ENCODINGS)}}} [ADAPTER_DEST]\n")
+    if len(sys.argv) not in (4, 5) or sys.argv[3] not in ENCODINGS:
+        sys.stderr.write(f"usage: python -m runtime.weights SOURCE DEST {{{','.join(ENCODINGS)}}} [ADAPTER_DEST]\n")
         sys.exit(2)
     sys.exit(_encode(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) == 5 else ""))

@@ -130,7 +130,8 @@ def init_data_dir(data_dir: Path, model: Path) -> str:
 def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Server]:
     """One real `appliance serve` process with the default model, shared by the API tests."""
     data_dir = tmp_path_factory.mktemp("appliance-data")
-    (data_dir / "appliance.toml").write_text('[runtime]\nslots = 4\nctx_per_slot = 1024\n')
+    # Many tests send bad keys on purpose: this server does not throttle them (tests/test_security.py does).
+    (data_dir / "appliance.toml").write_text('[runtime]\nslots = 4\nctx_per_slot = 1024\n\n[auth]\nfailure_limit = 1000000\n')
     admin_key = init_data_dir(data_dir, model_path)
     user = json.loads(run_cli("keys", "create", "--name", "staff-app", "--role", "user", "--json", data_dir=data_dir).stdout)
     proc, url, log_path = start_server(data_dir)

@@ -33,6 +33,9 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("GET", "/v1/models/{model_id:str}"): ALL,
     ("POST", "/admin/keys"): {"admin"},
     ("GET", "/admin/keys"): {"admin", "auditor"},
+    ("GET", "/admin/keys/{key_id:str}"): {"admin", "auditor"},
+    ("PATCH", "/admin/keys/{key_id:str}"): {"admin"},
+    ("POST", "/admin/keys/{key_id:str}/rotate"): {"admin"},
     ("DELETE", "/admin/keys/{key_id:str}"): {"admin"},
     ("POST", "/admin/teams"): {"admin"},
     ("GET", "/admin/teams"): {"admin", "auditor"},
@@ -45,6 +48,7 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("GET", "/admin/audit/verify"): {"admin", "auditor"},
     ("GET", "/admin/audit/export"): {"admin", "auditor"},
     ("POST", "/admin/audit/checkpoint"): {"admin", "auditor"},
+    ("POST", "/admin/audit/erase"): {"admin"},
     ("GET", "/admin/models"): {"admin", "operator"},
     ("GET", "/schema/openapi.json"): ALL,
     ("GET", "/schema"): ALL,
@@ -104,6 +108,17 @@ def _request_for(server: Server, method: str, path: str) -> tuple[str, str, dict
         ("DELETE", "/admin/keys/{key_id:str}"): lambda: (
             f"/admin/keys/{_admin_post(server, '/admin/keys', {'name': 'doomed', 'role': 'user'})['id']}", None
         ),
+        ("GET", "/admin/keys/{key_id:str}"): lambda: (
+            f"/admin/keys/{_admin_post(server, '/admin/keys', {'name': 'looked-at', 'role': 'user'})['id']}", None
+        ),
+        ("PATCH", "/admin/keys/{key_id:str}"): lambda: (
+            f"/admin/keys/{_admin_post(server, '/admin/keys', {'name': 'changed', 'role': 'user'})['id']}", {"rpm": 60}
+        ),
+        ("POST", "/admin/keys/{key_id:str}/rotate"): lambda: (
+            f"/admin/keys/{_admin_post(server, '/admin/keys', {'name': 'rotated', 'role': 'user'})['id']}/rotate",
+            {"overlap_seconds": 60},
+        ),
+        ("POST", "/admin/audit/erase"): lambda: (path, {"by": "key", "key_id": "000000000000"}),
         ("POST", "/admin/teams"): lambda: (path, {"name": f"team-{uuid.uuid4().hex[:8]}"}),
         ("DELETE", "/admin/teams/{team_id:str}"): lambda: (
             f"/admin/teams/{_admin_post(server, '/admin/teams', {'name': f'doomed-{uuid.uuid4().hex[:8]}'})['id']}", None

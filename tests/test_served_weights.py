@@ -4,6 +4,7 @@ itself), and the runtime settings it passes on."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from appliance.config import load_settings
 from appliance.model_registry import ModelRegistry
 from appliance.store import Store
 from runtime.gpu import GpuInfo
-from runtime.model_file import inspect_model
+from runtime.model_file import inspect_model, sha256_file
+from tests.admin_helpers import ACTOR, audit_of
 
 
 @pytest.fixture()
@@ -22,7 +24,7 @@ def registered(tmp_path: Path, model_path: Path):
     settings.paths.ensure()
     store = Store(settings.paths.database, backups_dir=settings.paths.backups).open()
     try:
-        yield settings, ModelRegistry(store, settings.paths.models).add(model_path, "smol")
+        yield settings, ModelRegistry(store, settings.paths.models, audit_of(store)).add(model_path, "smol", actor=ACTOR)
     finally:
         store.close()
 
@@ -65,3 +67,25 @@ def test_draft_tokens_reach_the_engine_from_config(registered, tmp_path: Path) -
             assert engine.stats().extra["drafts"]["max_drafts"] == expected
         finally:
             asyncio.run(engine.close())
+
+
+def test_a_split_llama_cpp_refuses_at_load_falls_back_to_the_file(registered) -> None:
+    settings, record = registered
+    info = inspect_model(record.path, expected_sha256=record.sha256)
+    split = engine_pool.served_weights(settings, "smol", info, on_gpu=False)
+    assert split.encoding == "q4_0_offsets"
+    # A well-formed GGUF that is no LoRA adapter, with a record that vouches for it: only
+    # llama.cpp itself can tell, at load.
+    adapter = Path(split.adapter_path)
+    adapter.write_bytes(Path(split.path).read_bytes())
+    record_file = Path(split.path).with_suffix(".json")
+    meta = json.loads(record_file.read_text())
+    meta["adapter_sha256"] = sha256_file(adapter)
+    record_file.write_text(json.dumps(meta))
+    engine = engine_pool._load(settings, record, [])
+    try:
+        weights = engine.stats().extra["weights"]
+        assert weights["encoding"] == "original" and "did not load" in weights["note"]
+        assert weights["path"] == info.path
+    finally:
+        asyncio.run(engine.close())

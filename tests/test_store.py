@@ -88,7 +88,8 @@ def test_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
         bad = store.submit(lambda c: c.execute("INSERT INTO settings VALUES ('k1', 'duplicate')"))
         for f in futures:
             f.result()
-        with pytest.raises(sqlite3.IntegrityError):
+        # sqlite3's own errors reach callers as StoreError, which every caller handles.
+        with pytest.raises(StoreError, match="UNIQUE constraint failed"):
             bad.result()
         assert store.query_one("SELECT COUNT(*) FROM settings")[0] == 50
         assert store.query_one("SELECT value FROM settings WHERE key='k1'")[0] == "v"

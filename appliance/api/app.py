@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,18 +11,29 @@ from contextlib import asynccontextmanager
 from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import Message, Scope
 
-from appliance.api import admin_routes, governance_routes, health_routes, openai_routes
+from appliance.api import (
+    audit_routes,
+    health_routes,
+    keys_routes,
+    models_routes,
+    openai_routes,
+    teams_routes,
+)
 from appliance.api.audit_middleware import AuditMiddleware
 from appliance.api.context import assign_request_id
 from appliance.api.errors import EXCEPTION_HANDLERS
-from appliance.api.security import ANY_ROLE, KeyAuthMiddleware, UngovernedMiddleware, role_guard
+from appliance.api.network import HostCheckMiddleware, TrustedProxies, allowed_hosts
+from appliance.api.openapi import ExactJsonRenderPlugin
+from appliance.api.options import allow_handlers
+from appliance.api.security import ANY_ROLE, KeyAuthMiddleware, UngovernedMiddleware, role_guard, trusted_local_uids
 from appliance.api.services import Services
 from appliance.audit import AuditLog
 from appliance.auth import KeyService, load_or_create_server_secret
+from appliance.auth.failures import FailedAuthCounter
 from appliance.config import Settings
 from appliance.engine_pool import EnginePool, load_local_engines
 from appliance.governance import Governance
@@ -33,6 +45,14 @@ from appliance.teams import TeamService
 from runtime.gpu import read_power_watts
 
 log = logging.getLogger(__name__)
+ROUTES = [
+    *health_routes.ROUTES,
+    *openai_routes.ROUTES,
+    *keys_routes.ROUTES,
+    *teams_routes.ROUTES,
+    *audit_routes.ROUTES,
+    *models_routes.ROUTES,
+]
 
 
 def build_services(settings: Settings, pool: EnginePool | None = None, *, governed: bool = True) -> Services:
@@ -41,21 +61,27 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
     paths.ensure()
     store = Store(paths.database, backups_dir=paths.backups).open()
     pool = pool if pool is not None else EnginePool()
-    budgets = BudgetService(store, currency=settings.costs.currency)
-    budgets.load()
     audit = AuditLog.from_settings(store, settings)
+    budgets = BudgetService(store, audit, currency=settings.costs.currency)
+    budgets.load()
     costs = CostModel(settings.costs, settings.upstream_prices, power_watts_source=read_power_watts)
+    auth = settings.auth
     return Services(
         settings=settings,
         store=store,
-        keys=KeyService(store, load_or_create_server_secret(paths.server_secret)),
-        models=ModelRegistry(store, paths.models),
+        keys=KeyService(
+            store, load_or_create_server_secret(paths.server_secret), audit, expiry_warning_days=auth.expiry_warning_days
+        ),
+        models=ModelRegistry(store, paths.models, audit),
         pool=pool,
-        inference=InferenceService(pool),
-        teams=TeamService(store),
+        inference=InferenceService(pool, default_max_tokens=settings.runtime.default_max_tokens),
+        teams=TeamService(store, audit),
         budgets=budgets,
         audit=audit,
         governance=Governance(settings, store, audit, costs, budgets, RateLimiter(), enabled=governed),
+        auth_failures=FailedAuthCounter(audit, window_seconds=auth.failure_window_seconds, limit=auth.failure_limit),
+        trusted_proxies=TrustedProxies(settings.server.trusted_proxies),
+        local_uids=trusted_local_uids(settings.server.admin_group),
     )
 
 
@@ -76,13 +102,20 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: 
                 services.pool.add(engine)
             services.pool.failures.update(loaded.failures)
         app.state.services = services
-        checkpoints = asyncio.create_task(services.audit.run_periodic_checkpoints())
+        background = [
+            asyncio.create_task(services.audit.run_periodic_checkpoints()),
+            asyncio.create_task(services.auth_failures.run()),
+        ]
         log.info("serving models: %s", ", ".join(services.pool.names()) or "none")
         try:
             yield
         finally:
-            checkpoints.cancel()
+            for task in background:
+                task.cancel()
             await services.pool.close()
+            await services.governance.drain()
+            with contextlib.suppress(Exception):
+                await services.auth_failures.flush(everything=True)
             try:
                 await services.audit.checkpoint_if_due(force=True)
             except Exception:
@@ -93,14 +126,15 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: 
         title="Appliance API",
         version="1",
         path="/schema",
-        render_plugins=[JsonRenderPlugin()],
-        openapi_router=Router(path="/schema", route_handlers=[], opt=dict(ANY_ROLE)),
+        render_plugins=[ExactJsonRenderPlugin()],
+        openapi_router=Router(path="/schema", route_handlers=[], opt=dict(ANY_ROLE), include_in_schema=False),
     )
+    auth = DefineMiddleware(KeyAuthMiddleware) if governed else UngovernedMiddleware
     return Litestar(
-        route_handlers=[*health_routes.ROUTES, *openai_routes.ROUTES, *admin_routes.ROUTES, *governance_routes.ROUTES],
+        route_handlers=[*allow_handlers(ROUTES), *ROUTES],
         lifespan=[lifespan],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
-        middleware=[AuditMiddleware, KeyAuthMiddleware] if governed else [AuditMiddleware, UngovernedMiddleware],
+        middleware=[DefineMiddleware(HostCheckMiddleware, hosts=allowed_hosts(settings)), AuditMiddleware, auth],
         guards=[role_guard],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         before_send=[_add_request_id],

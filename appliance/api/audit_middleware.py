@@ -1,4 +1,5 @@
-"""Gives every authenticated-path request exactly one audit record, whatever happens to it.
+"""Gives every authenticated-path request exactly one audit record, whatever happens to it
+(failed authentication is counted per client address instead, see `auth.failures`).
 
 The middleware creates the `RequestContext`, lets handlers fill it in, and when the response
 is complete calls `Governance.complete`, holding back the response's final message until the
@@ -55,14 +56,14 @@ class AuditMiddleware:
             return
         state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[assignment]
         request_id = assign_request_id(scope)
-        client = scope.get("client")
+        services = scope["app"].state.services
         ctx = RequestContext(
             request_id=request_id,
             route=f"{scope['method']} {scope['path']}",
-            client=f"{client[0]}:{client[1]}" if client else "",
+            client=services.trusted_proxies.client_address(scope),
         )
         state[CONTEXT_KEY] = ctx
-        governance = scope["app"].state.services.governance
+        governance = services.governance
         held: Message | None = None
         status = CLIENT_CLOSED
         sent_final = False

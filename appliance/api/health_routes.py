@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from litestar import Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
+from appliance.api.responses import Liveness, Readiness
 from appliance.api.security import PUBLIC
 from appliance.api.services import ServicesDep
 
-
-@get("/healthz", opt=PUBLIC, name="health:live", include_in_schema=True)
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+_NOT_READY = {503: ResponseSpec(Readiness, description="No model can serve yet; see Retry-After.", generate_examples=False)}
 
 
-@get("/readyz", opt=PUBLIC, name="health:ready")
-async def readyz(services: ServicesDep) -> Response[dict[str, Any]]:
+@get("/healthz", opt=PUBLIC, name="health:live")
+async def healthz() -> Liveness:
+    return Liveness(status="ok")
+
+
+@get("/readyz", opt=PUBLIC, name="health:ready", responses=_NOT_READY)
+async def readyz(services: ServicesDep) -> Response[Readiness]:
     models = {e.name: e.health().ok for e in services.pool.engines()}
     ready = any(models.values())
-    body = {"status": "ready" if ready else "not ready", "models": models}
+    body = Readiness(status="ready" if ready else "not ready", models=models)
     return Response(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 
 

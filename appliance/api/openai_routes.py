@@ -16,19 +16,32 @@ from litestar.response import Stream
 
 from appliance.api.context import request_context
 from appliance.api.errors import error_body, from_runtime
+from appliance.api.responses import (
+    ChatCompletion,
+    Completion,
+    EmbeddingList,
+    Model,
+    ModelList,
+    errors,
+)
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from appliance.api.security import ANY_ROLE, roles
 from appliance.api.services import ServicesDep
 from appliance.auth import Principal, Role
 from appliance.errors import InvalidRequest
 from appliance.governance import RequestContext
-from appliance.inference import Prepared, generation_failure, usage_dict
-from runtime.engine import Finished, GenerationEvent, TokenEvent
+from appliance.inference import GenerationInput, Prepared, generation_failure, usage_dict
+from runtime.engine import Finished, GenerationEvent, SamplingParams, TokenEvent
 
 INFERENCE = roles(Role.USER, Role.OPERATOR)
+GENERATION_ERRORS = errors(400, 404, 413, 503)
 _encode = msgspec.json.encode
 _DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_STREAM_DESCRIPTION = (
+    "The completion; with `stream: true`, `text/event-stream` chunks instead, ending in `data: [DONE]`, "
+    "or in an error event in the OpenAI shape when the generation fails mid-way."
+)
 
 ChunkFn = Callable[[dict[str, Any], str, Any], dict[str, Any]]
 
@@ -42,6 +55,7 @@ def _admit(services: ServicesDep, ctx: RequestContext, principal: Principal, pre
     first = prepared[0]
     ctx.model = first.model
     ctx.models_tried = [first.model]
+    ctx.weights = first.engine.served_files
     admission = services.governance.admit(
         ctx,
         principal,
@@ -52,14 +66,82 @@ def _admit(services: ServicesDep, ctx: RequestContext, principal: Principal, pre
     return {"x-appliance-model": first.model, "x-appliance-route": first.model} | admission.headers
 
 
-@post("/v1/chat/completions", opt=INFERENCE, name="chat:create", status_code=200)
+def _refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if (body.n or 1) > 1:
+        raise InvalidRequest("n > 1 is not supported; send separate requests", param="n")
+    if body.logprobs:
+        raise InvalidRequest("logprobs is not supported", param="logprobs")
+    if body.logit_bias:
+        raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+
+
+def _sampling(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+    )
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    return tuple(s for s in stops if s)
+
+
+def chat_input(body: ChatCompletionRequest) -> GenerationInput:
+    _refuse_unsupported(body)
+    if body.tools:
+        raise InvalidRequest("tools are not supported by the local models", param="tools")
+    if body.top_logprobs:
+        raise InvalidRequest("top_logprobs is not supported", param="top_logprobs")
+    fmt = body.response_format
+    response_format: dict[str, Any] | None = None
+    if fmt is not None and fmt.type != "text":
+        response_format = {"type": fmt.type}
+        if fmt.type == "json_schema":
+            spec = fmt.json_schema
+            response_format["schema"] = spec.schema if spec else None
+    return GenerationInput(
+        model=body.model,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        sampling=_sampling(body),
+        stop=_stops(body.stop),
+        messages=[{"role": m.role, "content": m.text()} for m in body.messages],
+        response_format=response_format,
+    )
+
+
+def completion_input(body: CompletionRequest, prompt: str) -> GenerationInput:
+    _refuse_unsupported(body)
+    if body.echo or (body.best_of or 1) > 1 or body.suffix:
+        raise InvalidRequest("echo, best_of and suffix are not supported", param="echo")
+    return GenerationInput(
+        model=body.model, max_tokens=body.max_tokens or 16, sampling=_sampling(body), stop=_stops(body.stop), prompt=prompt
+    )
+
+
+@post(
+    "/v1/chat/completions",
+    opt=INFERENCE,
+    name="chat:create",
+    status_code=200,
+    responses=GENERATION_ERRORS,
+    response_description=_STREAM_DESCRIPTION,
+)
 async def create_chat_completion(
     request: Request[Principal, Any, Any], data: JSONBody[ChatCompletionRequest], services: ServicesDep
-) -> Response[Any]:
+) -> Response[ChatCompletion]:
     ctx = request_context(request.scope)
     ctx.user = data.user or None
-    prepared = services.inference.prepare_chat(request.user, data)
-    ctx.prompt_text = "\n".join(f"{m.role}: {m.text()}" for m in data.messages)
+    services.inference.resolve(request.user, data.model)  # an unknown model is a 404 before anything else
+    spec = chat_input(data)
+    ctx.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in spec.messages or [])
+    prepared = await services.inference.prepare(request.user, spec)
     headers = _admit(services, ctx, request.user, [prepared])
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if data.stream:
@@ -67,7 +149,7 @@ async def create_chat_completion(
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": prepared.model}
         body = _sse_stream(services, ctx, stream, base, _chat_choice, include_usage, opening=_chat_opening)
-        return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
+        return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)  # type: ignore[return-value]
     text, finished = await services.inference.run(prepared)
     ctx.finished = finished
     payload = {
@@ -85,20 +167,29 @@ async def create_chat_completion(
         ],
         "usage": usage_dict(finished),
     }
-    return Response(_encode(payload), media_type="application/json", headers=headers)
+    return Response(_encode(payload), media_type="application/json", headers=headers)  # type: ignore[arg-type]
 
 
-@post("/v1/completions", opt=INFERENCE, name="completions:create", status_code=200)
+@post(
+    "/v1/completions",
+    opt=INFERENCE,
+    name="completions:create",
+    status_code=200,
+    responses=GENERATION_ERRORS,
+    response_description=_STREAM_DESCRIPTION,
+)
 async def create_completion(
     request: Request[Principal, Any, Any], data: JSONBody[CompletionRequest], services: ServicesDep
-) -> Response[Any]:
+) -> Response[Completion]:
     ctx = request_context(request.scope)
     ctx.user = data.user or None
+    services.inference.resolve(request.user, data.model)
     prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
     if data.stream and len(prompts) > 1:
         raise InvalidRequest("stream supports a single prompt", param="prompt")
-    prepared_all = [services.inference.prepare_completion(request.user, data, p) for p in prompts]
+    specs = [completion_input(data, p) for p in prompts]
     ctx.prompt_text = "\n".join(prompts)
+    prepared_all = [await services.inference.prepare(request.user, spec) for spec in specs]
     headers = _admit(services, ctx, request.user, prepared_all)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if data.stream:
@@ -106,7 +197,7 @@ async def create_completion(
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         base = {"id": ident, "object": "text_completion", "created": created, "model": data.model}
         body = _sse_stream(services, ctx, stream, base, _completion_choice, include_usage)
-        return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
+        return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)  # type: ignore[return-value]
     choices, results = [], []
     for index, prepared in enumerate(prepared_all):
         text, finished = await services.inference.run(prepared)
@@ -121,18 +212,19 @@ async def create_completion(
         "choices": choices,
         "usage": usage_dict(ctx.finished),
     }
-    return Response(_encode(payload), media_type="application/json", headers=headers)
+    return Response(_encode(payload), media_type="application/json", headers=headers)  # type: ignore[arg-type]
 
 
-@post("/v1/embeddings", opt=INFERENCE, name="embeddings:create", status_code=200)
+@post("/v1/embeddings", opt=INFERENCE, name="embeddings:create", status_code=200, responses=GENERATION_ERRORS)
 async def create_embeddings(
     request: Request[Principal, Any, Any], data: JSONBody[EmbeddingRequest], services: ServicesDep
-) -> Response[Any]:
+) -> Response[EmbeddingList]:
     ctx = request_context(request.scope)
     ctx.user = data.user or None
     texts = [data.input] if isinstance(data.input, str) else list(data.input)
-    engine, prompt_tokens = services.inference.prepare_embeddings(request.user, data.model, texts)
-    ctx.model, ctx.models_tried, ctx.prompt_text = data.model, [data.model], "\n".join(texts)
+    ctx.prompt_text = "\n".join(texts)
+    engine, prompt_tokens = await services.inference.prepare_embeddings(request.user, data.model, texts)
+    ctx.model, ctx.models_tried, ctx.weights = data.model, [data.model], engine.served_files
     admission = services.governance.admit(ctx, request.user, data.model, prompt_tokens, 0)
     started = time.perf_counter()
     result = await engine.embed(texts)
@@ -148,26 +240,26 @@ async def create_embeddings(
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
     headers = {"x-appliance-model": data.model, "x-appliance-route": data.model} | admission.headers
-    return Response(_encode(payload), media_type="application/json", headers=headers)
+    return Response(_encode(payload), media_type="application/json", headers=headers)  # type: ignore[arg-type]
 
 
-@get("/v1/models", opt=ANY_ROLE, name="models:list")
-async def list_models(request: Request[Principal, Any, Any], services: ServicesDep) -> dict[str, Any]:
+@get("/v1/models", opt=ANY_ROLE, name="models:list", responses=errors())
+async def list_models(request: Request[Principal, Any, Any], services: ServicesDep) -> ModelList:
     created = {m.name: int(m.added_at) for m in services.models.list()}
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": created.get(name, 0), "owned_by": "appliance"}
+    return ModelList(
+        object="list",
+        data=[
+            Model(id=name, object="model", created=created.get(name, 0), owned_by="appliance")
             for name in services.inference.visible_models(request.user)
         ],
-    }
+    )
 
 
-@get("/v1/models/{model_id:str}", opt=ANY_ROLE, name="models:get")
-async def get_model(request: Request[Principal, Any, Any], model_id: FromPath[str], services: ServicesDep) -> dict[str, Any]:
+@get("/v1/models/{model_id:str}", opt=ANY_ROLE, name="models:get", responses=errors(404))
+async def get_model(request: Request[Principal, Any, Any], model_id: FromPath[str], services: ServicesDep) -> Model:
     services.inference.resolve(request.user, model_id)
     record = services.models.find(model_id)
-    return {"id": model_id, "object": "model", "created": int(record.added_at) if record else 0, "owned_by": "appliance"}
+    return Model(id=model_id, object="model", created=int(record.added_at) if record else 0, owned_by="appliance")
 
 
 ROUTES = [create_chat_completion, create_completion, create_embeddings, list_models, get_model]
@@ -230,7 +322,7 @@ async def _sse_stream(
                     yield _sse(choice(base, event.text, None) | extra)
                 continue
             ctx.finished = event
-            if event.reason == "error":  # the stream already began: say so in-band, as OpenAI does
+            if event.reason in ("error", "cancelled"):  # the stream already began: say so in-band, as OpenAI does
                 failure = from_runtime(generation_failure(event))
                 ctx.error_code = failure.code
                 yield _sse(error_body(failure.message, failure.type, failure.code, failure.param))

@@ -9,13 +9,20 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
-TopP = Annotated[float, Meta(gt=0, le=1)]
-MaxTokens = Annotated[int, Meta(ge=1)]
+TopP = Annotated[float, Meta(ge=0, le=1)]  # 0 keeps only the most likely token
+MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
 
 
 class Struct(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     pass
+
+
+def unsupported(schema: dict[str, Any], why: str) -> Meta:
+    """An OpenAI field decoded as usual, so that a value we do not support gets a clear
+    message (`tools are not supported...`), while the OpenAPI document admits only the values
+    we do support (`schema`), as clients generated from it should send."""
+    return Meta(extra_json_schema=schema | {"description": why})
 
 
 class TextPart(Struct, kw_only=True):
@@ -41,7 +48,7 @@ class ChatMessage(Struct, kw_only=True):
 
 class JsonSchemaSpec(Struct, kw_only=True):
     name: str
-    schema: dict[str, Any] | UnsetType = UNSET
+    schema: dict[str, Any]  # required here: the grammar that enforces it is built from it
     description: str | UnsetType = UNSET
     strict: bool | None | UnsetType = UNSET
 
@@ -65,19 +72,19 @@ class _Generation(Struct, kw_only=True):
     user: Annotated[str, Meta(max_length=256)] | UnsetType = UNSET
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Meta(ge=1)] | None = None
+    n: Annotated[Annotated[int, Meta(ge=1)] | None, unsupported({"maximum": 1}, "one choice per request")] = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
+    logit_bias: Annotated[dict[str, float] | None, unsupported({"maxProperties": 0}, "not supported")] = None
+    logprobs: Annotated[bool | int | None, unsupported({"enum": [False, 0, None]}, "not supported")] = None
 
 
 class ChatCompletionRequest(_Generation, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: Annotated[int | None, unsupported({"enum": [0, None]}, "not supported")] = None
+    tools: Annotated[list[dict[str, Any]] | None, unsupported({"type": "null"}, "not supported by the local models")] = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
@@ -88,10 +95,10 @@ class ChatCompletionRequest(_Generation, kw_only=True):
 
 
 class CompletionRequest(_Generation, kw_only=True):
-    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=16)]
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=16)]  # streaming takes a single prompt
+    echo: Annotated[bool | None, unsupported({"enum": [False, None]}, "not supported")] = None
+    best_of: Annotated[int | None, unsupported({"enum": [1, None]}, "not supported")] = None
+    suffix: Annotated[str | None, unsupported({"enum": ["", None]}, "not supported")] = None
 
 
 class EmbeddingRequest(Struct, kw_only=True):
@@ -102,25 +109,70 @@ class EmbeddingRequest(Struct, kw_only=True):
     user: str | UnsetType = UNSET
 
 
+Retention = Literal["none", "sha256", "redacted", "full"]
+KeyName = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"\S")]
+Limit = Annotated[int, Meta(ge=1, le=2**53)]
+ModelNames = Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=256)]
+# RFC 3339 (2027-06-30T12:00:00Z); UTC when it has no offset. A string checked by the handler,
+# so that a bare number is refused rather than taken for seconds since the epoch.
+Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+
+
 class CreateKeyRequest(Struct, kw_only=True):
-    name: str
-    role: str = "user"
-    expires_at: str | None = None
-    models: list[str] | None = None
-    team: str = "default"
-    rpm: int | None = None
-    tpm: int | None = None
-    prompt_retention: str | None = None
+    name: KeyName
+    role: Literal["admin", "operator", "auditor", "user"] = "user"
+    expires_at: Timestamp | None = None
+    models: ModelNames | None = None
+    team: Annotated[str, Meta(min_length=1)] = "default"
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    prompt_retention: Retention | None = None
+
+
+class UpdateKeyRequest(Struct, kw_only=True):
+    """Fields left out stay as they are (an empty object changes nothing); null clears a
+    limit, the model list or the expiry."""
+
+    rpm: Limit | None | UnsetType = UNSET
+    tpm: Limit | None | UnsetType = UNSET
+    models: ModelNames | None | UnsetType = UNSET
+    expires_at: Timestamp | None | UnsetType = UNSET
+    team: Annotated[str, Meta(min_length=1)] | UnsetType = UNSET
+
+
+class RotateKeyRequest(Struct, kw_only=True):
+    overlap_seconds: Annotated[float, Meta(ge=0, le=90 * 86400)] = 0.0  # how long the old secret keeps working
 
 
 class CreateTeamRequest(Struct, kw_only=True):
-    name: str
-    prompt_retention: Literal["none", "sha256", "redacted", "full"] | None = None
+    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"[A-Za-z0-9]")]
+    prompt_retention: Retention | None = None
 
 
 class CreateBudgetRequest(Struct, kw_only=True):
     scope: Literal["key", "team"]
-    scope_id: str
-    amount: Annotated[float, Meta(ge=0)]
+    scope_id: Annotated[str, Meta(min_length=1, max_length=100)]
+    amount: Annotated[float, Meta(ge=0, le=1e15)]  # in tokens, a fraction is dropped
     unit: Literal["money", "tokens"] = "money"
     period: Literal["day", "month", "total"] = "month"
+
+
+class EraseByKey(Struct, tag="key", tag_field="by", kw_only=True):
+    """The kept prompts of one key's requests."""
+
+    key_id: Annotated[str, Meta(min_length=1)]
+
+
+class EraseByTeam(Struct, tag="team", tag_field="by", kw_only=True):
+    """The kept prompts of one team's requests (its id or name)."""
+
+    team: Annotated[str, Meta(min_length=1)]
+
+
+class EraseBefore(Struct, tag="before", tag_field="by", kw_only=True):
+    """The kept prompts of every request before a time."""
+
+    before: Timestamp
+
+
+EraseRequest = EraseByKey | EraseByTeam | EraseBefore

@@ -1,7 +1,11 @@
-"""Authentication (bearer key -> principal) and the role guard every route goes through."""
+"""Authentication (bearer key, or the peer's uid on the local admin socket -> principal) and
+the role guard every route goes through."""
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 from collections.abc import Collection
 from typing import Any
 
@@ -10,8 +14,10 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from appliance.auth import Principal, Role
-from appliance.errors import PermissionDenied
+from appliance.api.context import find_context
+from appliance.api.network import local_uid
+from appliance.auth import Principal, Role, local_admin
+from appliance.errors import AuthenticationFailed, PermissionDenied, RateLimited
 
 PUBLIC: dict[str, Any] = {"exclude_from_auth": True, "public": True}
 ROLES_KEY = "roles"
@@ -25,22 +31,71 @@ def roles(*allowed: Role) -> dict[str, Any]:
 ANY_ROLE = roles(*Role)
 
 
+def trusted_local_uids(admin_group: str) -> frozenset[int]:
+    """Who may use the admin socket: root, the service's own user, and `admin_group`'s members."""
+    uids = {0, os.getuid()}
+    if admin_group:
+        try:
+            group = grp.getgrnam(admin_group)
+        except KeyError:
+            return frozenset(uids)
+        for name in group.gr_mem:
+            try:
+                uids.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                continue
+        uids.update(u.pw_uid for u in pwd.getpwall() if u.pw_gid == group.gr_gid)
+    return frozenset(uids)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 class KeyAuthMiddleware(AbstractAuthenticationMiddleware):
+    """Every method is authenticated, OPTIONS included (no CORS is served). A failure is
+    counted for its client address (`auth.failures`) rather than recorded on its own."""
+
+    def __init__(self, app: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(app, exclude_http_methods=[], **kwargs)
+
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+        services = connection.app.state.services
+        uid = local_uid(connection.scope)
+        if uid is not None:
+            if uid not in services.local_uids:
+                raise PermissionDenied(f"uid {uid} may not use the admin socket.")
+            return AuthenticationResult(user=local_admin(uid, _user_name(uid)), auth=None)
         header = connection.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         presented = key.strip() if scheme.lower() == "bearer" else None
-        principal = connection.app.state.services.keys.authenticate(presented)
+        try:
+            principal = services.keys.authenticate(presented)
+        except AuthenticationFailed as exc:
+            ctx = find_context(connection.scope)
+            client = ctx.client if ctx else ""
+            if ctx is not None:
+                ctx.auth_failed = True
+            wait = services.auth_failures.record(client, exc.reason)
+            if wait is not None:
+                raise RateLimited("Too many failed authentication attempts from this address.", retry_after=wait) from None
+            raise
         return AuthenticationResult(user=principal, auth=None)
 
 
 def role_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Fail closed: a route that declares no roles is refused to everyone."""
+    """Fail closed: a route that declares no roles is refused to everyone, except the OPTIONS
+    answer litestar adds to every path, which any authenticated principal may read."""
     if handler.opt.get("public"):
         return
-    allowed: Collection[Role] | None = handler.opt.get(ROLES_KEY)
     principal: Principal = connection.user
+    allowed: Collection[Role] | None = handler.opt.get(ROLES_KEY)
     if allowed is None:
+        if connection.scope.get("method") == "OPTIONS":
+            return
         raise PermissionDenied("This endpoint declares no roles and is closed.")
     if principal.role not in allowed:
         raise PermissionDenied(f"The '{principal.role}' role may not use this endpoint.")

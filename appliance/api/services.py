@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from litestar.di import NamedDependency
 
+from appliance.api.network import TrustedProxies
 from appliance.audit import AuditLog
 from appliance.auth import KeyService
+from appliance.auth.failures import FailedAuthCounter
 from appliance.config import Settings
 from appliance.engine_pool import EnginePool
 from appliance.governance import Governance
@@ -30,6 +32,9 @@ class Services:
     budgets: BudgetService
     audit: AuditLog
     governance: Governance
+    auth_failures: FailedAuthCounter
+    trusted_proxies: TrustedProxies
+    local_uids: frozenset[int]  # who may use the local admin socket
 
 
 ServicesDep = NamedDependency[Services]  # how handlers ask for the services

@@ -3,7 +3,7 @@ verification, export and prompt retention."""
 
 from appliance.audit.chain import GENESIS_HASH, AuditRecord, Checkpoint, scrub_secrets
 from appliance.audit.export import export_checkpoint, export_records, load_checkpoint
-from appliance.audit.log import AuditLog, admin_body, cli_actor
+from appliance.audit.log import Actor, AuditLog, admin_body, cli_actor
 from appliance.audit.retention import resolve_policy, retain
 from appliance.audit.signing import Signer, load_or_create_signing_key, load_pinned_public_key
 from appliance.audit.verify import VerifyReport, verify, verify_from
@@ -11,6 +11,7 @@ from appliance.errors import AuditError
 
 __all__ = [
     "GENESIS_HASH",
+    "Actor",
     "AuditError",
     "AuditLog",
     "AuditRecord",

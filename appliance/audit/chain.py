@@ -28,10 +28,12 @@ from appliance.audit.canonical import canonical_bytes, canonical_json, canonical
 from appliance.redaction import scrub_keys
 
 GENESIS_HASH = "0" * 64
-KINDS = ("request", "admin")
+KINDS = ("request", "admin", "security")
 
 # Values under these keys are never recorded, whatever they look like.
-_SECRET_FIELDS = frozenset({"secret", "key_hash", "password", "api_key", "authorization", "server_secret"})
+_SECRET_FIELDS = frozenset(
+    {"secret", "key_hash", "previous_key_hash", "password", "api_key", "authorization", "server_secret"}
+)
 
 
 def scrub_secrets(value: Any) -> Any:
@@ -106,17 +108,27 @@ class AuditRecord:
     body: dict[str, Any]
     prev_hash: str
     hash: str
+    content: dict[str, str] | None = None  # kept text stored beside the body (audit.content)
+    content_erased_at: float | None = None
 
     COLUMNS: ClassVar[str] = "idx, ts, kind, key_id, team_id, body, prev_hash, hash"
+    # The same, with the kept text beside each record (`FROM audit a LEFT JOIN audit_content c`).
+    JOINED: ClassVar[str] = (
+        "a.idx, a.ts, a.kind, a.key_id, a.team_id, a.body, a.prev_hash, a.hash, c.content, c.erased_at"
+        " FROM audit a LEFT JOIN audit_content c ON c.idx = a.idx"
+    )
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | tuple[Any, ...]) -> AuditRecord:
-        idx, ts, kind, key_id, team_id, body, prev_hash, hash_ = tuple(row)
-        return cls(idx, ts, kind, key_id, team_id, json.loads(body), prev_hash, hash_)
+        idx, ts, kind, key_id, team_id, body, prev_hash, hash_, *extra = tuple(row)
+        content, erased_at = extra if extra else (None, None)
+        kept = json.loads(content) if content else None
+        return cls(idx, ts, kind, key_id, team_id, json.loads(body), prev_hash, hash_, kept, erased_at)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: `ts` as ISO-8601 and `ts_epoch` as the exact float that was hashed."""
-        return {
+        """JSON-ready: `ts` as ISO-8601 and `ts_epoch` as the exact float that was hashed.
+        `content` (kept text) and `content_erased_at` appear only for records that have them."""
+        out: dict[str, Any] = {
             "idx": self.idx,
             "ts": iso_time(self.ts),
             "ts_epoch": self.ts,
@@ -127,6 +139,11 @@ class AuditRecord:
             "prev_hash": self.prev_hash,
             "hash": self.hash,
         }
+        if self.content is not None:
+            out["content"] = self.content
+        if self.content_erased_at is not None:
+            out["content_erased_at"] = iso_time(self.content_erased_at)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

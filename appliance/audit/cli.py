@@ -14,11 +14,12 @@ from typing import IO, Any
 
 import click
 
+from appliance.audit.content import ErasureSelector, erase_fn
 from appliance.audit.export import export_checkpoint, export_records, load_checkpoint
-from appliance.audit.log import AuditLog
+from appliance.audit.log import AuditLog, cli_actor
 from appliance.audit.signing import load_pinned_public_key
 from appliance.audit.verify import verify
-from appliance.cli_support import data_dir_option, handled
+from appliance.cli_support import apply_change, data_dir_option, emit, handled, json_option
 from appliance.config import load_settings
 from appliance.errors import AuditError
 from appliance.store import Store, open_connection
@@ -135,3 +136,36 @@ def checkpoint_command(output: Path | None, data_dir: Path | None) -> None:
         out.write(export_checkpoint(checkpoint))
     if output is not None:
         click.echo(f"checkpoint of record {checkpoint.index} written to {output}", err=True)
+
+
+@audit.command("erase")
+@click.option("--key", "key_id", default=None, help="Erase the kept prompts of this key's requests.")
+@click.option("--team", default=None, help="Erase the kept prompts of this team's requests (id or name).")
+@click.option("--before", type=_DateType(), default=None, help="Erase the kept prompts of everything before this time.")
+@data_dir_option
+@json_option
+@handled
+def erase_command(key_id: str | None, team: str | None, before: float | None, data_dir: Path | None, as_json: bool) -> None:
+    """Remove kept prompt text (redacted or full retention) for the right to erasure.
+
+    The records, their digests and the chain stay intact (`audit verify` still passes), and
+    the erasure is itself an audit record."""
+    ErasureSelector(key_id=key_id, team_id=team, before=before)  # refuses unless exactly one is given
+    if key_id is not None:
+        body: dict[str, Any] = {"by": "key", "key_id": key_id}
+    elif team is not None:
+        body = {"by": "team", "team": team}
+    else:
+        body = {"by": "before", "before": datetime.fromtimestamp(before or 0.0, UTC).isoformat()}
+
+    def local(o: Any) -> dict[str, Any]:
+        chosen = ErasureSelector(key_id=key_id, team_id=o.teams.get(team).id if team else None, before=before)
+        result: dict[str, Any] = o.store.write_sync(erase_fn(o.audit, cli_actor(), chosen))
+        return result
+
+    result = apply_change(data_dir, remote=("POST", "/admin/audit/erase", body), local=local)
+    if as_json:
+        emit(result)
+    else:
+        what = f"key {key_id}" if key_id else f"team {team}" if team else f"before {body.get('before')}"
+        click.echo(f"erased the kept prompts of {result['erased']} records ({what}); recorded as audit record {result['record']}")

@@ -15,7 +15,11 @@ external verifier recomputes each hash with nothing but SHA-256 and a JSON encod
 later than record 1 (`since`) is checked from its first line's `prev_hash` on; a checkpoint
 exported with `export_checkpoint` anchors it to a signature.
 
-CSV: the same columns, with `body` as canonical JSON text.
+Records whose prompt was kept (policy `redacted` or `full`) also carry `content`, the kept text
+by field, which must match the digest in the body (`sha256` of its UTF-8), or
+`content_erased_at` once it was erased. Neither is covered by the chain's hashes.
+
+CSV: the same columns, with `body` and `content` as canonical JSON text.
 
 Checkpoint file: `{"index", "hash", "time", "signature", "public_key"}`; the Ed25519 signature
 (hex) covers the canonical encoding of `{"hash", "index", "time"}` and `public_key` is the raw
@@ -37,7 +41,7 @@ from typing import Literal
 from appliance.audit.chain import AuditRecord, Checkpoint
 from appliance.errors import AuditError
 
-CSV_COLUMNS = ["idx", "ts", "ts_epoch", "kind", "key_id", "team_id", "body", "prev_hash", "hash"]
+CSV_COLUMNS = ["idx", "ts", "ts_epoch", "kind", "key_id", "team_id", "body", "prev_hash", "hash", "content", "content_erased_at"]
 _MAX_CHECKPOINT_FILE = 64 * 1024
 _HEX = {"hash": 64, "signature": 128, "public_key": 64}
 
@@ -51,15 +55,15 @@ def export_records(
         raise ValueError(f"export format must be 'jsonl' or 'csv', got {fmt!r}")
     where, params = [], []
     if since is not None:
-        where.append("ts >= ?")
+        where.append("a.ts >= ?")
         params.append(since)
     if until is not None:
-        where.append("ts < ?")
+        where.append("a.ts < ?")
         params.append(until)
-    sql = f"SELECT {AuditRecord.COLUMNS} FROM audit"
+    sql = f"SELECT {AuditRecord.JOINED}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY idx"
+    sql += " ORDER BY a.idx"
     if fmt == "csv":
         yield _csv_line(CSV_COLUMNS)
     cursor = conn.execute(sql, params)
@@ -71,7 +75,8 @@ def export_records(
             else:
                 data = record.to_dict()
                 data["body"] = row[5]  # the stored canonical JSON text
-                yield _csv_line([data[col] for col in CSV_COLUMNS])
+                data["content"] = row[8]
+                yield _csv_line([data.get(col) for col in CSV_COLUMNS])
     finally:
         cursor.close()
 

@@ -19,12 +19,25 @@ Request record (`kind="request"`, one per API request, see `RequestBody`):
     prompt        `retention.retain(policy, text)`; absent when the policy is "none"
     error         str, the error code, only when outcome != "ok"
 
-Admin record (`kind="admin"`, one per administrative change, see `AdminBody`, `admin_body`):
-    actor         {"key_id", "key_name", "role"} for an API caller, or
-                  {"kind": "cli", "user": <OS user>} for the local admin (`cli_actor()`)
+    weights       {"encoding", "sha256", "adapter_sha256"}: the exact files that served it
+
+Kept text (a prompt under the `redacted` or `full` policy) is not in the body: the body holds
+its digest, and the text is stored beside the record in `audit_content` (see `retention`),
+where `appliance audit erase` can remove it without breaking the chain.
+
+Admin record (`kind="admin"`, one per administrative change, written in the same transaction
+as the change itself, see `Actor` and `admin_fn`):
+    request_id    str | None, the API request that made it
+    actor         {"key_id", "key_name", "role"} for an API caller,
+                  {"kind": "cli", "user": <OS user>} for the CLI on the database (`cli_actor()`),
+                  {"kind": "local", "uid": N, "user": ...} over the local admin socket
     action        "keys.create", "keys.revoke", "teams.update", ...
     target        str | None, the id of what was changed
     before/after  dict | None, the changed fields; never secrets
+    client        str | None, the client address
+
+Security record (`kind="security"`): counted failed authentication per client address and
+reason over a window (`appliance.auth.failures`), never one record per attempt.
 
 Secrets never enter a record: `append_fn` replaces API-key-shaped strings (`apl_...`, `sk-...`)
 and secret-named fields anywhere in the body (`chain.scrub_secrets`).
@@ -39,6 +52,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from appliance.audit.canonical import canonical_json
@@ -84,24 +98,51 @@ class RequestBody(TypedDict, total=False):
 
 
 class AdminBody(TypedDict):
+    request_id: str | None
     actor: dict[str, Any]
     action: str
     target: str | None
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    client: str | None
 
 
-def cli_actor() -> dict[str, str]:
-    """The actor of a CLI action by the local administrator."""
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who makes an administrative change, as its audit record names them. `key_id` and
+    `team_id` fill the record's columns (an API caller's key and team)."""
+
+    info: dict[str, Any]
+    request_id: str | None = None
+    client: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+
+
+def _os_user() -> str:
     try:
-        user = getpass.getuser()
+        return getpass.getuser()
     except (KeyError, OSError):
-        user = "unknown"
-    return {"kind": "cli", "user": user}
+        return "unknown"
 
 
-def admin_body(actor: dict[str, Any], action: str, target: str | None, *, before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> AdminBody:
-    return {"actor": actor, "action": action, "target": target, "before": before, "after": after}
+def cli_actor() -> Actor:
+    """The actor of a CLI action on the database by the local administrator."""
+    return Actor({"kind": "cli", "user": _os_user()})
+
+
+def admin_body(
+    actor: Actor, action: str, target: str | None, *, before: dict[str, Any] | None = None, after: dict[str, Any] | None = None
+) -> AdminBody:
+    return {
+        "request_id": actor.request_id,
+        "actor": actor.info,
+        "action": action,
+        "target": target,
+        "before": before,
+        "after": after,
+        "client": actor.client,
+    }
 
 
 class AuditLog:
@@ -140,7 +181,14 @@ class AuditLog:
 
     # -- appending --------------------------------------------------------------------------
     def append_fn(
-        self, kind: str, body: dict[str, Any], *, key_id: str | None, team_id: str | None, ts: float | None = None
+        self,
+        kind: str,
+        body: dict[str, Any],
+        *,
+        key_id: str | None,
+        team_id: str | None,
+        ts: float | None = None,
+        content: dict[str, str] | None = None,
     ) -> Callable[[sqlite3.Connection], int]:
         """A write function for the store's writer thread that appends one record and returns
         its idx. Combine it with other writes to commit them atomically, e.g.
@@ -148,7 +196,8 @@ class AuditLog:
 
         The body is scrubbed of secrets and encoded here, in the caller, so a body that cannot
         be encoded (NaN, non-string keys...) raises `ValueError` at once. `ts` defaults to the
-        clock when the record is written.
+        clock when the record is written. `content` is kept text by field (`{"prompt": ...}`),
+        stored beside the record; the body must already hold each field's digest.
         """
         if kind not in KINDS:
             raise ValueError(f"audit record kind must be one of {list(KINDS)}, got {kind!r}")
@@ -159,6 +208,7 @@ class AuditLog:
         team_id = scrub_secrets(team_id)
         if ts is not None and not math.isfinite(ts):
             raise ValueError(f"audit record ts must be finite, got {ts!r}")
+        content_json = canonical_json(scrub_secrets(content)) if content else None
 
         def write(conn: sqlite3.Connection) -> int:
             row = conn.execute("SELECT idx, hash FROM audit ORDER BY idx DESC LIMIT 1").fetchone()
@@ -169,11 +219,21 @@ class AuditLog:
                 "INSERT INTO audit (idx, ts, kind, key_id, team_id, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (idx, when, kind, key_id, team_id, body_json, prev, digest),
             )
+            if content_json is not None:
+                conn.execute("INSERT INTO audit_content (idx, content) VALUES (?, ?)", (idx, content_json))
             if idx % self.checkpoint_every_records == 0:
                 self._insert_checkpoint(conn, idx, digest)
             return idx
 
         return write
+
+    def admin_fn(
+        self, actor: Actor, action: str, target: str | None, *, before: Any = None, after: Any = None
+    ) -> Callable[[sqlite3.Connection], int]:
+        """`append_fn` for the admin record of one change; run it in the change's own
+        transaction, so that neither exists without the other."""
+        body = admin_body(actor, action, target, before=before, after=after)
+        return self.append_fn("admin", dict(body), key_id=actor.key_id, team_id=actor.team_id)
 
     async def append(self, kind: str, body: dict[str, Any], *, key_id: str | None, team_id: str | None) -> int:
         """Append one record; returns its idx once it is durable. Raises `AuditUnavailable`
@@ -287,18 +347,18 @@ class AuditLog:
             raise InvalidRequest(f"kind must be one of {list(KINDS)}", param="kind")
         where, params = [], []
         for clause, value in (
-            ("ts >= ?", since),
-            ("ts < ?", until),
-            ("key_id = ?", key_id),
-            ("team_id = ?", team_id),
-            ("kind = ?", kind),
-            ("idx > ?", after_idx),
+            ("a.ts >= ?", since),
+            ("a.ts < ?", until),
+            ("a.key_id = ?", key_id),
+            ("a.team_id = ?", team_id),
+            ("a.kind = ?", kind),
+            ("a.idx > ?", after_idx),
         ):
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        sql = f"SELECT {AuditRecord.COLUMNS} FROM audit"
+        sql = f"SELECT {AuditRecord.JOINED}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY idx LIMIT ?"
+        sql += " ORDER BY a.idx LIMIT ?"
         return [AuditRecord.from_row(row) for row in self.store.query(sql, (*params, limit))]

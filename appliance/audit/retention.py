@@ -1,13 +1,18 @@
 """What of a prompt goes into the audit record, by policy:
 
 - `none`: nothing (`retain` returns None; leave `prompt` out of the body);
-- `sha256`: `{"sha256": hex}` of the UTF-8 text, enough to prove what was sent;
-- `redacted`: `{"redacted": text}` with API keys, e-mail addresses, IBANs (check digits
-  verified), card numbers (Luhn checked), IP addresses and phone numbers replaced by
-  `[API_KEY]`, `[EMAIL]`, `[IBAN]`, `[CARD]`, `[IPV4]`, `[IPV6]`, `[PHONE]`
-  (`appliance.redaction`, linear time). Pattern-based, so best effort: phone numbers need
-  10-15 digits, or 7-15 with a `+` or `(area)`;
-- `full`: `{"full": text}`.
+- `sha256`: the body holds `{"sha256": hex}` of the UTF-8 text, enough to prove what was sent;
+- `redacted`: the text with API keys, e-mail addresses, IBANs (check digits verified), card
+  numbers (Luhn checked), IP addresses and phone numbers replaced by `[API_KEY]`, `[EMAIL]`,
+  `[IBAN]`, `[CARD]`, `[IPV4]`, `[IPV6]`, `[PHONE]` (`appliance.redaction`, linear time).
+  Pattern-based, so best effort: phone numbers need 10-15 digits, or 7-15 with a `+` or
+  `(area)`;
+- `full`: the text as sent.
+
+Kept text (redacted or full) never enters the hashed record body, which holds only
+`{"kept": policy, "sha256": hex of the kept text}`: the text itself is stored beside the
+record (`audit_content`), so it can be erased (`appliance audit erase`) and the chain still
+verifies, while any edit of kept text is detected against its digest.
 
 A key's policy wins over its team's, which wins over `[audit] default_prompt_retention`.
 """
@@ -15,6 +20,7 @@ A key's policy wins over its team's, which wins over `[audit] default_prompt_ret
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from appliance.redaction import redact
 
@@ -36,14 +42,26 @@ def resolve_policy(key_policy: str | None, team_policy: str | None, default: str
     return check_policy(default)
 
 
-def retain(policy: str, text: str | None) -> dict[str, str] | None:
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """What a policy keeps of a text: `digest` goes into the hashed body, `text` (the kept
+    text, for `redacted` and `full`) beside it."""
+
+    digest: dict[str, str]
+    text: str | None = None
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def retain(policy: str, text: str | None) -> Retained | None:
     """What to store of `text` under `policy` (see the module docstring). Raises `ValueError`
     for an unknown policy."""
     check_policy(policy)
     if policy == "none" or text is None:
         return None
     if policy == "sha256":
-        return {"sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
-    if policy == "redacted":
-        return {"redacted": redact(text)}
-    return {"full": text}
+        return Retained({"sha256": sha256_text(text)})
+    kept = redact(text) if policy == "redacted" else text
+    return Retained({"kept": policy, "sha256": sha256_text(kept)}, kept)

@@ -9,17 +9,20 @@ Checks, in idx order, stopping at the first problem:
 - each stored checkpoint is signed by the trusted public key, and names the hash the record at
   its index really has; no checkpoint names a record past the end (tail truncated);
 - with an exported (off-box) checkpoint: its signature, that its key is the trusted key, and that
-  the log still reaches its index with the same hash (otherwise: tail truncated or rewritten).
+  the log still reaches its index with the same hash (otherwise: tail truncated or rewritten);
+- each kept text beside a record matches the digest in its body (`audit.content`); erased text
+  is counted, not a failure.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from appliance.audit.canonical import recanonicalize
 from appliance.audit.chain import GENESIS_HASH, Checkpoint, record_hash
+from appliance.audit.content import check_content
 from appliance.audit.signing import parse_public_key, verify_signature
 from appliance.errors import AuditError
 
@@ -37,10 +40,14 @@ class VerifyReport:
     problem: str | None
     last_index: int = 0
     last_hash: str = GENESIS_HASH
+    content_checked: int = 0
+    content_erased: int = 0
 
     def summary(self) -> str:
         if self.ok:
-            return f"audit chain ok: {self.records_checked} records and {self.checkpoints_checked} checkpoints verified"
+            kept = f"; {self.content_checked} kept prompt texts match their digests" if self.content_checked else ""
+            erased = f"; {self.content_erased} erased" if self.content_erased else ""
+            return f"audit chain ok: {self.records_checked} records and {self.checkpoints_checked} checkpoints verified{kept}{erased}"
         if self.first_bad_index is not None:
             return f"audit chain broken at record {self.first_bad_index}: {self.problem}"
         return f"audit verification failed: {self.problem}"
@@ -130,10 +137,16 @@ def _verify(
         f"SELECT {Checkpoint.COLUMNS} FROM audit_checkpoints WHERE record_idx >= ? ORDER BY record_idx, idx", (start_idx,)
     )
     try:
-        return _walk(run, records, cp_cursor, start_idx, public_key, exported)
+        report = _walk(run, records, cp_cursor, start_idx, public_key, exported)
     finally:
         records.close()
         cp_cursor.close()
+    if not report.ok or not conn.execute("SELECT 1 FROM sqlite_master WHERE name='audit_content'").fetchone():
+        return report
+    content = check_content(conn, start_idx)
+    if content.problem is not None:
+        return replace(report, ok=False, first_bad_index=content.bad_index, problem=content.problem)
+    return replace(report, content_checked=content.kept, content_erased=content.erased)
 
 
 def _walk(

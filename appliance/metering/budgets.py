@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from appliance.audit.log import Actor, AuditLog
 from appliance.errors import InvalidRequest, NotFound, QuotaExceeded
 from appliance.metering.usage import utc_day, utc_month
 from appliance.store import Store
@@ -154,8 +155,11 @@ class Reservation:
 class BudgetService:
     """Budget CRUD plus the exact in-memory ledger. Thread-safe; all ledger operations are O(budgets)."""
 
-    def __init__(self, store: Store, *, currency: str = "USD", clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, audit: AuditLog, *, currency: str = "USD", clock: Callable[[], float] = time.time
+    ) -> None:
         self._store = store
+        self._audit = audit
         self._teams = TeamService(store)
         self.currency = currency
         self._clock = clock
@@ -170,7 +174,9 @@ class BudgetService:
         self._open: dict[int, Reservation] = {}
 
     # -- CRUD -------------------------------------------------------------------------------
-    def set_budget(self, scope: str, scope_id: str, *, amount: float, unit: str = "money", period: str = "month") -> Budget:
+    def set_budget(
+        self, scope: str, scope_id: str, *, actor: Actor, amount: float, unit: str = "money", period: str = "month"
+    ) -> Budget:
         """Create the budget for (scope, scope_id, unit, period), or change its amount.
 
         A team may be named by id or name. Takes effect for the next `reserve`.
@@ -190,6 +196,10 @@ class BudgetService:
         elif self._store.query_one("SELECT 1 FROM api_keys WHERE id = ?", (scope_id,)) is None:
             raise NotFound(f"No key with id {scope_id!r}.")
         row = {"scope": scope, "scope_id": scope_id, "unit": unit, "amount": float(amount), "period": period, "now": time.time()}
+        existing = self._store.query_one(
+            "SELECT * FROM budgets WHERE scope = :scope AND scope_id = :scope_id AND unit = :unit AND period = :period", row
+        )
+        before = _budget(existing).to_dict() if existing else None
 
         def upsert(conn: sqlite3.Connection) -> int:
             conn.execute(
@@ -199,10 +209,12 @@ class BudgetService:
                 row,
             )
             found = conn.execute(
-                "SELECT id FROM budgets WHERE scope = :scope AND scope_id = :scope_id AND unit = :unit AND period = :period",
+                "SELECT * FROM budgets WHERE scope = :scope AND scope_id = :scope_id AND unit = :unit AND period = :period",
                 row,
             ).fetchone()
-            return int(found[0])
+            budget = _budget(found)
+            self._audit.admin_fn(actor, "budgets.set", str(budget.id), before=before, after=budget.to_dict())(conn)
+            return budget.id
 
         return self.get_budget(self._store.write_sync(upsert))
 
@@ -223,9 +235,15 @@ class BudgetService:
         sql = "SELECT * FROM budgets" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY scope, scope_id, unit, period"
         return [_budget(r) for r in self._store.query(sql, tuple(params))]
 
-    def delete_budget(self, budget_id: int) -> Budget:
+    def delete_budget(self, budget_id: int, *, actor: Actor) -> Budget:
         budget = self.get_budget(budget_id)
-        self._store.write_sync(lambda conn: conn.execute("DELETE FROM budgets WHERE id = ?", (budget_id,)))
+        audit = self._audit.admin_fn(actor, "budgets.delete", str(budget_id), before=budget.to_dict())
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM budgets WHERE id = ?", (budget_id,))
+            audit(conn)
+
+        self._store.write_sync(write)
         return budget
 
     def budgets_for(self, key_id: str, team_id: str) -> list[Budget]:

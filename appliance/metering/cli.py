@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import click
 
-from appliance.cli_support import audit_admin, data_dir_option, emit, handled, json_option, opened
-from appliance.config import RETENTION_POLICIES
-from appliance.metering.budgets import PERIODS, UNITS, BudgetService
+from appliance.audit.log import cli_actor
+from appliance.cli_support import apply_change, data_dir_option, emit, handled, json_option, offline, opened
+from appliance.config import RETENTION_POLICIES, load_settings
+from appliance.metering.budgets import PERIODS, UNITS, Budget
 from appliance.metering.usage import ROLLUP_BY, rollup
 from appliance.teams import TeamService
 
@@ -32,13 +35,15 @@ def teams() -> None:
 @handled
 def teams_create(name: str, retention: str | None, data_dir: Path | None, as_json: bool) -> None:
     """Create a team; its id is the slug of NAME."""
-    with opened(data_dir) as (settings, store):
-        team = TeamService(store).create(name, retention)
-        audit_admin(settings, store, "teams.create", team.id, after=team.to_dict())
+    team = apply_change(
+        data_dir,
+        remote=("POST", "/admin/teams", {"name": name, "prompt_retention": retention}),
+        local=lambda o: o.teams.create(name, retention, actor=cli_actor()).to_dict(),
+    )
     if as_json:
-        emit(team.to_dict())
+        emit(team)
     else:
-        click.echo(f"created team {team.id} ({team.name})")
+        click.echo(f"created team {team['id']} ({team['name']})")
 
 
 @teams.command("list")
@@ -63,13 +68,15 @@ def teams_list(data_dir: Path | None, as_json: bool) -> None:
 @handled
 def teams_delete(team: str, data_dir: Path | None, as_json: bool) -> None:
     """Delete an empty team (by id or name) and its budgets."""
-    with opened(data_dir) as (settings, store):
-        removed = TeamService(store).delete(team)
-        audit_admin(settings, store, "teams.delete", removed.id, before=removed.to_dict())
+    removed = apply_change(
+        data_dir,
+        remote=("DELETE", f"/admin/teams/{quote(team, safe='')}", None),
+        local=lambda o: o.teams.delete(team, actor=cli_actor()).to_dict(),
+    )
     if as_json:
-        emit(removed.to_dict())
+        emit(removed)
     else:
-        click.echo(f"deleted team {removed.id}")
+        click.echo(f"deleted team {removed['id']}")
 
 
 # -- budgets --------------------------------------------------------------------------------
@@ -94,15 +101,16 @@ def budgets_set(key_id: str | None, team: str | None, amount: float, unit: str, 
         sys.exit(1)
     scope, scope_id = ("key", key_id) if key_id is not None else ("team", team)
     assert scope_id is not None
-    with opened(data_dir) as (settings, store):
-        service = BudgetService(store, currency=settings.costs.currency)
-        budget = service.set_budget(scope, scope_id, amount=amount, unit=unit, period=period)
-        audit_admin(settings, store, "budgets.set", str(budget.id), after=budget.to_dict())
-        text = budget.describe(settings.costs.currency)
+    body = {"scope": scope, "scope_id": scope_id, "amount": amount, "unit": unit, "period": period}
+    budget = apply_change(
+        data_dir,
+        remote=("POST", "/admin/budgets", body),
+        local=lambda o: o.budgets.set_budget(scope, scope_id, actor=cli_actor(), amount=amount, unit=unit, period=period).to_dict(),
+    )
     if as_json:
-        emit(budget.to_dict())
+        emit(budget)
     else:
-        click.echo(f"budget {budget.id}: {text}")
+        click.echo(f"budget {budget['id']}: {_describe(budget, data_dir)}")
 
 
 @budgets.command("list")
@@ -114,7 +122,7 @@ def budgets_set(key_id: str | None, team: str | None, amount: float, unit: str, 
 def budgets_list(key_id: str | None, team: str | None, data_dir: Path | None, as_json: bool) -> None:
     """List budgets with what is spent and left in the current period."""
     with opened(data_dir) as (settings, store):
-        service = BudgetService(store, currency=settings.costs.currency)
+        service = offline(settings, store).budgets
         service.load()
         if key_id is not None:
             found = service.list_budgets("key", key_id)
@@ -140,14 +148,21 @@ def budgets_list(key_id: str | None, team: str | None, data_dir: Path | None, as
 @handled
 def budgets_delete(budget_id: int, data_dir: Path | None, as_json: bool) -> None:
     """Delete a budget by id."""
-    with opened(data_dir) as (settings, store):
-        removed = BudgetService(store, currency=settings.costs.currency).delete_budget(budget_id)
-        audit_admin(settings, store, "budgets.delete", str(removed.id), before=removed.to_dict())
-        text = removed.describe(settings.costs.currency)
+    removed = apply_change(
+        data_dir,
+        remote=("DELETE", f"/admin/budgets/{budget_id}", None),
+        local=lambda o: o.budgets.delete_budget(budget_id, actor=cli_actor()).to_dict(),
+    )
     if as_json:
-        emit(removed.to_dict())
+        emit(removed)
     else:
-        click.echo(f"deleted budget {removed.id}: {text}")
+        click.echo(f"deleted budget {removed['id']}: {_describe(removed, data_dir)}")
+
+
+def _describe(budget: dict[str, Any], data_dir: Path | None) -> str:
+    """`team 'research' monthly budget of 10.00 USD`, from a budget's JSON."""
+    b = Budget(budget["id"], budget["scope"], budget["scope_id"], budget["unit"], budget["amount"], budget["period"], 0.0)
+    return b.describe(load_settings(data_dir).costs.currency)
 
 
 # -- usage ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,6 +102,18 @@ class Store:
                 self._readers.append(conn)
         return conn
 
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection of its own for one long read (an export, a verification, a
+        report), closed when the block ends. A long read on a shared per-thread connection
+        would pin its WAL snapshot, and every later read on that thread (authentication on
+        the event loop) would see the database as it was: revoked keys still valid."""
+        conn = open_connection(self.path, readonly=True)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         return self.reader().execute(sql, params).fetchall()
 
@@ -167,6 +180,9 @@ class Store:
                 except BaseException as exc:  # a bad job must not sink its neighbours
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
+                    if isinstance(exc, sqlite3.Error):  # callers handle StoreError, never sqlite3's own
+                        log.error("store write failed: %s", exc)
+                        exc = StoreError(f"database write failed: {exc}")
                     results.append((future, None, exc))
                 else:
                     conn.execute("RELEASE job")

@@ -150,6 +150,25 @@ def m002_governance(db: sqlite_utils.Database) -> None:
     db["budgets"].create_index(["scope", "scope_id", "unit", "period"], unique=True)
 
 
+@migration(3)
+def m003_key_rotation_and_audit_content(db: sqlite_utils.Database) -> None:
+    """Key rotation (the previous secret's hash, valid until a time), and prompt content kept
+    apart from the hashed audit body, so that it can be erased without breaking the chain."""
+    db.execute("ALTER TABLE api_keys ADD COLUMN previous_key_hash TEXT")
+    db.execute("ALTER TABLE api_keys ADD COLUMN previous_valid_until REAL")
+    db.execute("ALTER TABLE api_keys ADD COLUMN rotated_at REAL")
+    db["audit_content"].create(
+        {
+            "idx": int,  # the audit record this belongs to
+            "content": str,  # canonical JSON of what retention kept; NULL once erased
+            "erased_at": float,
+            "erased_by": int,  # idx of the audit record of the erasure
+        },
+        pk="idx",
+        foreign_keys=[("idx", "audit", "idx")],
+    )
+
+
 def latest_version() -> int:
     return len(MIGRATIONS)
 

@@ -18,6 +18,7 @@ import pytest
 
 from appliance.audit import (
     GENESIS_HASH,
+    Actor,
     AuditError,
     AuditLog,
     Signer,
@@ -108,13 +109,13 @@ def test_secrets_are_scrubbed_from_every_string_in_the_body(tmp_path: Path) -> N
     store, log = open_log(tmp_path)
     with store:
         body = admin_body(
-            {"key_id": "0123456789ab", "key_name": "ops", "role": "admin"},
+            Actor({"key_id": "0123456789ab", "key_name": "ops", "role": "admin"}),
             "keys.create",
             "0123456789ab",
             after={"name": "ops", "note": f"the key is {key}.", "secret": "s3cret", "tags": [key, {"deep": f"x{key}"}]},
         )
         body["prompt"] = {"full": f"my key: {key} and my upstream key sk-proj-ABCDEFGHIJKLMNOPQRST"}
-        log.append_sync("admin", body, key_id="0123456789ab", team_id="default")
+        log.append_sync("admin", dict(body), key_id="0123456789ab", team_id="default")
         stored = store.query_one("SELECT body FROM audit")["body"]
         assert "apl_0123456789ab_" not in stored and "Zm9vYmFy" not in stored and "s3cret" not in stored
         assert "sk-proj-ABCD" not in stored
@@ -126,9 +127,15 @@ def test_secrets_are_scrubbed_from_every_string_in_the_body(tmp_path: Path) -> N
 
 def test_admin_body_helpers() -> None:
     actor = cli_actor()
-    assert actor["kind"] == "cli" and actor["user"]
+    assert actor.info["kind"] == "cli" and actor.info["user"]
     assert admin_body(actor, "models.add", "m", after={"sha256": "x"}) == {
-        "actor": actor, "action": "models.add", "target": "m", "before": None, "after": {"sha256": "x"},
+        "request_id": None,
+        "actor": actor.info,
+        "action": "models.add",
+        "target": "m",
+        "before": None,
+        "after": {"sha256": "x"},
+        "client": None,
     }
 
 

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from appliance.audit import resolve_policy, retain
-from appliance.audit.retention import POLICIES, redact
+from appliance.audit.retention import POLICIES, Retained, redact
 from appliance.config import RETENTION_POLICIES
 
 
@@ -19,9 +19,13 @@ def test_the_policies_match_the_config() -> None:
 def test_each_policy() -> None:
     text = "Résumé for jane@example.com"
     assert retain("none", text) is None
-    assert retain("sha256", text) == {"sha256": hashlib.sha256(text.encode()).hexdigest()}
-    assert retain("redacted", text) == {"redacted": "Résumé for [EMAIL]"}
-    assert retain("full", text) == {"full": text}
+    assert retain("sha256", text) == Retained({"sha256": hashlib.sha256(text.encode()).hexdigest()})
+    # Kept text goes beside the record; the hashed body holds what was kept and its digest.
+    redacted = "Résumé for [EMAIL]"
+    assert retain("redacted", text) == Retained(
+        {"kept": "redacted", "sha256": hashlib.sha256(redacted.encode()).hexdigest()}, redacted
+    )
+    assert retain("full", text) == Retained({"kept": "full", "sha256": hashlib.sha256(text.encode()).hexdigest()}, text)
     assert retain("full", None) is None
 
 
@@ -41,7 +45,8 @@ def test_each_policy() -> None:
 )
 def test_redaction_replaces_personal_data_and_secrets(text: str, expected: str) -> None:
     assert redact(text) == expected
-    assert retain("redacted", text) == {"redacted": expected}
+    kept = retain("redacted", text)
+    assert kept is not None and kept.text == expected
 
 
 @pytest.mark.parametrize(

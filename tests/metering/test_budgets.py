@@ -19,6 +19,7 @@ from appliance.metering.costs import CostModel
 from appliance.metering.usage import UsageRecord, insert_fn
 from appliance.store import Store
 from appliance.teams import TeamService
+from tests.admin_helpers import ACTOR, audit_of
 
 
 def utc(*args: int) -> float:
@@ -77,8 +78,8 @@ def costs() -> CostModel:
 async def test_64_concurrent_tasks_never_overspend_and_the_ledger_survives_restart(store: Store, add_key: Callable[..., str], costs: CostModel) -> None:
     key = add_key("k-async")
     worst = costs.worst_case("smollm", 100, 200, est_tokens_per_second=40)
-    budgets = BudgetService(store)
-    budget = budgets.set_budget("key", key, amount=worst * 10.5, unit="money", period="day")
+    budgets = BudgetService(store, audit_of(store))
+    budget = budgets.set_budget("key", key, actor=ACTOR, amount=worst * 10.5, unit="money", period="day")
     budgets.load()
     rng = random.Random(7)
     refusals: list[QuotaExceeded] = []
@@ -109,7 +110,7 @@ async def test_64_concurrent_tasks_never_overspend_and_the_ledger_survives_resta
     assert spent["c"] <= budget.amount
     assert budgets.in_flight() == {}
 
-    restarted = BudgetService(store)
+    restarted = BudgetService(store, audit_of(store))
     restarted.load()
     now = time.time()
     expected = usage_sums(store, datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d"), datetime.fromtimestamp(now, UTC).strftime("%Y-%m"))
@@ -119,10 +120,10 @@ async def test_64_concurrent_tasks_never_overspend_and_the_ledger_survives_resta
 
 def test_64_threads_never_overspend(store: Store, add_key: Callable[..., str], costs: CostModel) -> None:
     key = add_key("k-threads", "default")
-    TeamService(store).create("Research")
+    TeamService(store, audit_of(store)).create("Research", actor=ACTOR)
     worst = costs.worst_case("smollm", 100, 200, est_tokens_per_second=40)
-    budgets = BudgetService(store)
-    budgets.set_budget("key", key, amount=worst * 10.5, unit="money", period="month")
+    budgets = BudgetService(store, audit_of(store))
+    budgets.set_budget("key", key, actor=ACTOR, amount=worst * 10.5, unit="money", period="month")
     budgets.load()
     barrier = threading.Barrier(64)
     lock = threading.Lock()
@@ -157,7 +158,7 @@ def test_64_threads_never_overspend(store: Store, add_key: Callable[..., str], c
     assert total <= worst * 10.5
     assert 10 <= len(admitted) <= 20
     assert refusals and all("key 'k-threads' monthly budget of" in str(e) for e in refusals)
-    restarted = BudgetService(store)
+    restarted = BudgetService(store, audit_of(store))
     restarted.load()
     now = datetime.now(UTC)
     assert_ledger_matches(restarted.ledger_snapshot(), usage_sums(store, now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")))
@@ -166,8 +167,8 @@ def test_64_threads_never_overspend(store: Store, add_key: Callable[..., str], c
 
 def test_an_overrun_is_recorded_as_unbilled_and_never_breaks_the_budget(store: Store, add_key: Callable[..., str]) -> None:
     key = add_key("k1")
-    budgets = BudgetService(store)
-    budgets.set_budget("key", key, amount=1.0, period="total")
+    budgets = BudgetService(store, audit_of(store))
+    budgets.set_budget("key", key, actor=ACTOR, amount=1.0, period="total")
     res = budgets.reserve(key, "default", cost=0.6, tokens=100)
     rec, billed, tokens = record(res, cost=0.9, tokens=130, ts=time.time())  # slower than estimated
     assert (rec.cost, rec.unbilled_cost, rec.unbilled_tokens) == (pytest.approx(0.6), pytest.approx(0.3), 30)
@@ -179,18 +180,18 @@ def test_an_overrun_is_recorded_as_unbilled_and_never_breaks_the_budget(store: S
         budgets.reserve(key, "default", cost=0.5, tokens=1)
     assert info.value.retry_after is None
     budgets.reserve(key, "default", cost=0.4, tokens=1)
-    restarted = BudgetService(store)
+    restarted = BudgetService(store, audit_of(store))
     restarted.load()
     assert restarted.ledger_snapshot()[("key", key)]["total"] == {"cost": pytest.approx(0.6), "tokens": 100}
 
 
 # -- scopes, units, messages -------------------------------------------------------------------
 def test_team_budget_is_shared_by_its_keys(store: Store, add_key: Callable[..., str]) -> None:
-    TeamService(store).create("research")
+    TeamService(store, audit_of(store)).create("research", actor=ACTOR)
     a, b = add_key("ka", "research"), add_key("kb", "research")
     clock = Clock(utc(2026, 11, 15, 12))
-    budgets = BudgetService(store, clock=clock)
-    budgets.set_budget("team", "research", amount=10, unit="money", period="month")
+    budgets = BudgetService(store, audit_of(store), clock=clock)
+    budgets.set_budget("team", "research", actor=ACTOR, amount=10, unit="money", period="month")
     r1 = budgets.reserve(a, "research", cost=6, tokens=10)
     with pytest.raises(QuotaExceeded, match="team 'research' monthly budget of 10.00 USD has 4.00 USD left after 6.00 USD held by requests in flight"):
         budgets.reserve(b, "research", cost=6, tokens=10)
@@ -209,10 +210,10 @@ def test_team_budget_is_shared_by_its_keys(store: Store, add_key: Callable[..., 
 def test_token_budget_and_every_applicable_budget_is_checked(store: Store, add_key: Callable[..., str]) -> None:
     key = add_key("k1")
     clock = Clock(utc(2026, 3, 10, 8))
-    budgets = BudgetService(store, clock=clock)
-    budgets.set_budget("key", key, amount=1000, unit="tokens", period="day")
-    budgets.set_budget("key", key, amount=100.0, unit="money", period="month")
-    budgets.set_budget("team", "default", amount=1500, unit="tokens", period="total")
+    budgets = BudgetService(store, audit_of(store), clock=clock)
+    budgets.set_budget("key", key, actor=ACTOR, amount=1000, unit="tokens", period="day")
+    budgets.set_budget("key", key, actor=ACTOR, amount=100.0, unit="money", period="month")
+    budgets.set_budget("team", "default", actor=ACTOR, amount=1500, unit="tokens", period="total")
     r = budgets.reserve(key, "default", cost=1, tokens=900)
     budgets.settle(r, cost=1, tokens=700)
     with pytest.raises(QuotaExceeded, match="key 'k1' daily budget of 1,000 tokens has 300 tokens left, less than this request's worst case of 400 tokens") as info:
@@ -224,34 +225,34 @@ def test_token_budget_and_every_applicable_budget_is_checked(store: Store, add_k
     assert info.value.retry_after is None
     budgets.reserve(key, "default", cost=1, tokens=800)
     with pytest.raises(InvalidRequest):
-        budgets.set_budget("key", key, amount=1.5, unit="tokens", period="day")
+        budgets.set_budget("key", key, actor=ACTOR, amount=1.5, unit="tokens", period="day")
     with pytest.raises(NotFound):
-        budgets.set_budget("key", "nope", amount=1)
+        budgets.set_budget("key", "nope", actor=ACTOR, amount=1)
     with pytest.raises(NotFound):
-        budgets.set_budget("team", "nope", amount=1)
+        budgets.set_budget("team", "nope", actor=ACTOR, amount=1)
 
 
 def test_budget_changes_take_effect_immediately_even_from_another_service(store: Store, add_key: Callable[..., str]) -> None:
     key = add_key("k1")
-    server, cli = BudgetService(store), BudgetService(store)
+    server, cli = BudgetService(store, audit_of(store)), BudgetService(store, audit_of(store))
     server.reserve(key, "default", cost=5, tokens=1)
-    b = cli.set_budget("key", key, amount=5, period="day")
+    b = cli.set_budget("key", key, actor=ACTOR, amount=5, period="day")
     with pytest.raises(QuotaExceeded):
         server.reserve(key, "default", cost=1, tokens=1)
-    assert cli.set_budget("key", key, amount=6, period="day").id == b.id  # same scope/unit/period: updated
+    assert cli.set_budget("key", key, actor=ACTOR, amount=6, period="day").id == b.id  # same scope/unit/period: updated
     server.reserve(key, "default", cost=1, tokens=1)
-    cli.delete_budget(b.id)
+    cli.delete_budget(b.id, actor=ACTOR)
     server.reserve(key, "default", cost=1000, tokens=1)
     assert server.list_budgets() == []
     with pytest.raises(NotFound):
-        cli.delete_budget(b.id)
+        cli.delete_budget(b.id, actor=ACTOR)
 
 
 # -- settle / release --------------------------------------------------------------------------
 def test_release_charges_nothing_and_settle_twice_is_a_no_op(store: Store, add_key: Callable[..., str]) -> None:
     key = add_key("k1")
-    budgets = BudgetService(store)
-    budgets.set_budget("key", key, amount=10, period="total")
+    budgets = BudgetService(store, audit_of(store))
+    budgets.set_budget("key", key, actor=ACTOR, amount=10, period="total")
     r1 = budgets.reserve(key, "default", cost=10, tokens=5)
     budgets.release(r1)
     budgets.release(r1)
@@ -272,9 +273,9 @@ def test_release_charges_nothing_and_settle_twice_is_a_no_op(store: Store, add_k
 def test_day_and_month_roll_over_and_late_settles_count_in_their_own_period(store: Store, add_key: Callable[..., str]) -> None:
     key = add_key("k1")
     clock = Clock(utc(2026, 1, 31, 23, 59, 50))
-    budgets = BudgetService(store, clock=clock)
-    budgets.set_budget("key", key, amount=2, period="day")
-    budgets.set_budget("key", key, amount=3, period="month")
+    budgets = BudgetService(store, audit_of(store), clock=clock)
+    budgets.set_budget("key", key, actor=ACTOR, amount=2, period="day")
+    budgets.set_budget("key", key, actor=ACTOR, amount=3, period="month")
     spent_at = clock.t
 
     res = budgets.reserve(key, "default", cost=1.5, tokens=10)
@@ -297,7 +298,7 @@ def test_day_and_month_roll_over_and_late_settles_count_in_their_own_period(stor
         budgets.reserve(key, "default", cost=1.5, tokens=1)
     budgets.reserve(key, "default", cost=1.0, tokens=1)
 
-    restarted = BudgetService(store, clock=clock)
+    restarted = BudgetService(store, audit_of(store), clock=clock)
     restarted.load()
     assert_ledger_matches(restarted.ledger_snapshot(), usage_sums(store, "2026-02-02", "2026-02"))
     assert restarted.ledger_snapshot()[("key", key)]["month"]["cost"] == pytest.approx(2.0)

@@ -203,7 +203,8 @@ def test_json_schema_repetitions_are_bounded_before_conversion() -> None:
     "sampling",
     [
         SamplingParams(temperature=-1),
-        SamplingParams(top_p=0),
+        SamplingParams(top_p=1.5),
+        SamplingParams(frequency_penalty=float("nan")),
         SamplingParams(min_p=2),
         SamplingParams(repeat_penalty=0),
     ],

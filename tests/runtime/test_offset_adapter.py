@@ -9,7 +9,8 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from runtime._offset_adapter import NEEDS_ADAPTER_KEY, write_split
+from runtime._offset_adapter import write_split
+from runtime.encodings import NEEDS_ADAPTER_KEY
 
 Q4_0, Q4_1, Q8_0, F16 = (GGMLQuantizationType[n] for n in ("Q4_0", "Q4_1", "Q8_0", "F16"))
 

@@ -15,10 +15,10 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from runtime._native import Model
-from runtime._offset_adapter import NEEDS_ADAPTER_KEY
+from runtime.encodings import NEEDS_ADAPTER_KEY, remove_encoded
 from runtime.errors import ModelLoadError
 from runtime.model_file import inspect_model, sha256_file
-from runtime.weights import ServedWeights, encoding_for, original_weights, remove_encoded, serve_weights
+from runtime.weights import ServedWeights, encoding_for, original_weights, serve_weights
 
 Q4_0, Q4_1, Q8_0 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
 

@@ -1,0 +1,63 @@
+"""The OpenAPI document, made exact. Client generators and the console's typed client rely on
+it, so it must describe what is accepted and sent, byte for byte:
+
+- The JSON Schema of every request and response body is msgspec's own, from the same Struct
+  that decodes or encodes it. Litestar's generator drops constraints inside unions (a list's
+  `minItems` when it may also be a string) and exclusive bounds (`top_p > 0`), so a client
+  built from it would send requests the server refuses.
+- The media types a handler's signature does not show: the event streams of the generation
+  endpoints (`stream: true`) and the audit export's JSON lines or CSV.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from types import ModuleType
+from typing import Any
+
+import msgspec
+from litestar import Request
+from litestar.openapi.plugins import JsonRenderPlugin
+
+from appliance.api import responses, schemas
+
+_TEXT = {"schema": {"type": "string"}}
+_STREAMING = ("/v1/chat/completions", "/v1/completions")
+_EXPORT = "/admin/audit/export"
+
+
+def _structs(*modules: ModuleType) -> list[type[msgspec.Struct]]:
+    return [
+        obj
+        for module in modules
+        for _, obj in inspect.getmembers(module, inspect.isclass)
+        if issubclass(obj, msgspec.Struct) and obj.__module__ == module.__name__
+    ]
+
+
+def exact(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` (litestar's) with msgspec's body schemas and the other media types."""
+    out = copy.deepcopy(document)
+    _, components = msgspec.json.schema_components(
+        _structs(schemas, responses), ref_template="#/components/schemas/{name}"
+    )
+    out.setdefault("components", {}).setdefault("schemas", {}).update(components)
+    for path in _STREAMING:
+        content = out["paths"][path]["post"]["responses"]["200"].setdefault("content", {})
+        content["text/event-stream"] = _TEXT
+    out["paths"][_EXPORT]["get"]["responses"]["200"]["content"] = {"application/x-ndjson": _TEXT, "text/csv": _TEXT}
+    return out
+
+
+class ExactJsonRenderPlugin(JsonRenderPlugin):
+    """Serves `exact(...)` of litestar's document at /schema/openapi.json, built once."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._document: dict[str, Any] | None = None
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        if self._document is None:
+            self._document = exact(openapi_schema)
+        return self.render_json(request, self._document)
