@@ -1,6 +1,6 @@
 """What the registry needs to know about a GGUF model file, read without llama.cpp.
 
-`inspect_model` validates the header with `runtime.gguf.read_gguf` (so a bad
+`inspect_model` validates the header with `runtime.gguf_check.read_gguf` (so a bad
 file fails here with `ModelFileError`, before llama.cpp sees it), hashes the
 whole file, and pulls out the few metadata values the appliance uses.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ModelFileError
-from runtime.gguf import GGML_TYPES, GGUFHeader, read_gguf
+from runtime.gguf_check import GGML_TYPES, GGUFHeader, read_gguf
 
 __all__ = ["ModelInfo", "inspect_model", "quantization_name", "sha256_file"]
 

@@ -13,7 +13,7 @@ def _loaded_after(statement: str) -> set[str]:
 
 
 def test_runtime_loads_neither_litestar_nor_textual_nor_appliance() -> None:
-    mods = _loaded_after("import runtime, runtime.llama_engine, runtime.gguf, runtime.gpu, runtime.model_file")
+    mods = _loaded_after("import runtime, runtime.llama_engine, runtime.gguf_check, runtime.gpu, runtime.model_file")
     assert not {m for m in mods if m.split(".")[0] in {"litestar", "textual", "appliance", "tui", "uvicorn", "sqlite_utils"}}
 
 
@@ -26,3 +26,14 @@ def test_appliance_does_not_load_textual() -> None:
 def test_cli_starts_without_llama_cpp() -> None:
     mods = _loaded_after("import appliance.cli")
     assert "llama_cpp" not in mods and "litestar" not in mods
+
+
+def test_config_loads_neither_numpy_code_of_ours_nor_llama_cpp() -> None:
+    mods = _loaded_after("import appliance.config")
+    assert not {"runtime.weights", "runtime._offset_adapter", "llama_cpp", "gguf"} & mods
+
+
+def test_the_cpu_choice_runs_before_anything_is_installed() -> None:
+    # install.sh and `python -m runtime.cpu` need nothing but the standard library
+    mods = _loaded_after("import runtime.cpu")
+    assert not {m for m in mods if m.split(".")[0] in {"llama_cpp", "numpy", "gguf", "appliance"}}

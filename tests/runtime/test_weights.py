@@ -295,3 +295,14 @@ def test_a_split_that_fails_is_a_load_error_and_leaves_nothing(info, tmp_path: P
     with pytest.raises(ModelLoadError, match="re-encoding .* as q4_0_offsets failed"):
         serve_weights(vanished, cache)
     assert list(cache.iterdir()) == []
+
+
+def test_the_reencoding_child_never_imports_from_the_working_directory(info, tmp_path: Path, monkeypatch) -> None:
+    # `python -m` puts the working directory first on sys.path; a runtime/ package there
+    # (anything in the directory the server was started from) would run instead of ours.
+    cwd = tmp_path / "cwd"
+    (cwd / "runtime").mkdir(parents=True)
+    (cwd / "runtime" / "__init__.py").write_text("raise SystemExit('imported from the working directory')\n")
+    monkeypatch.chdir(cwd)
+    served = serve_weights(info, tmp_path / "cache", mode="q8_0")
+    assert served.encoding == "q8_0" and not served.note

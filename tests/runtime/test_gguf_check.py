@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import ModelFileError
-from runtime.gguf import GGML_TYPES, KEEP_ARRAY_ITEMS, GGUFArray, GGUFValueType, read_gguf
+from runtime.gguf_check import GGML_TYPES, KEEP_ARRAY_ITEMS, GGUFArray, GGUFValueType, read_gguf
 from runtime.model_file import FILE_TYPE_NAMES, ModelInfo, inspect_model, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -472,7 +472,7 @@ def test_validator_in_a_subprocess_exits_normally(tmp_path: Path) -> None:
     code = textwrap.dedent("""
         import sys
         from runtime.errors import ModelFileError
-        from runtime.gguf import read_gguf
+        from runtime.gguf_check import read_gguf
         for path in sys.argv[1:]:
             try:
                 read_gguf(path)
