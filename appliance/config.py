@@ -102,6 +102,9 @@ class AuditSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     checkpoint_every_records: Positive = 1000
     checkpoint_every_seconds: PositiveFloat = 60.0
     default_prompt_retention: str = "sha256"  # none | sha256 | redacted | full
+    # Kept prompt text (redacted or full) is cut after this many characters; the record then
+    # also holds the whole prompt's length and sha256.
+    max_kept_prompt_chars: Annotated[int, Meta(ge=0)] = 65536
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

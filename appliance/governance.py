@@ -21,6 +21,7 @@ from appliance.config import Settings
 from appliance.errors import AuditUnavailable, StoreError
 from appliance.metering import BudgetService, CostModel, RateHeaders, RateLimiter, Reservation, UsageRecord, insert_fn
 from appliance.store import Store
+from appliance.work import WorkPool
 from runtime.engine import Finished
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Governance:
         limiter: RateLimiter,
         *,
         enabled: bool = True,
+        work: WorkPool | None = None,
     ) -> None:
         """`enabled=False` skips admission and recording; only the gateway benchmark uses it,
         to measure what governance costs against the same app without it."""
@@ -90,6 +92,7 @@ class Governance:
         self.budgets = budgets
         self.limiter = limiter
         self._detached: set[asyncio.Task[None]] = set()
+        self._work = work or WorkPool(2)
 
     # -- before compute ---------------------------------------------------------------------
     def admit(self, ctx: RequestContext, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
@@ -127,7 +130,7 @@ class Governance:
             self._release(ctx)
             return
         try:
-            job, settle = await asyncio.to_thread(self._prepare, ctx, status)
+            job, settle = await self._work.run(self._prepare, ctx, status)
             await self._store.write(job)
         except (StoreError, OSError) as exc:
             raise AuditUnavailable(f"the audit record could not be written: {exc}") from exc
@@ -265,7 +268,7 @@ class Governance:
         content = None
         if ctx.prompt_text is not None and p is not None:
             policy = resolve_policy(p.prompt_retention, None, self._settings.audit.default_prompt_retention)
-            kept = retain(policy, ctx.prompt_text)
+            kept = retain(policy, ctx.prompt_text, limit=self._settings.audit.max_kept_prompt_chars)
             if kept is not None:
                 body["prompt"] = kept.digest
                 content = {"prompt": kept.text} if kept.text is not None else None

@@ -5,7 +5,6 @@ to grammar conversion) run in a worker thread, never on the event loop."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from appliance.auth import Principal
 from appliance.engine_pool import EnginePool
 from appliance.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from appliance.work import WorkPool
 from runtime.engine import (
     Engine,
     Finished,
@@ -54,9 +54,10 @@ class Prepared:
 
 
 class InferenceService:
-    def __init__(self, pool: EnginePool, *, default_max_tokens: int = 512) -> None:
+    def __init__(self, pool: EnginePool, *, default_max_tokens: int = 512, work: WorkPool | None = None) -> None:
         self.pool = pool
         self.default_max_tokens = default_max_tokens
+        self._work = work or WorkPool(2)
 
     def resolve(self, principal: Principal, model: str) -> Engine:
         """The engine for `model`, or `ModelNotFound` when it is unknown or not allowed to the key."""
@@ -70,7 +71,7 @@ class InferenceService:
 
     async def prepare(self, principal: Principal, spec: GenerationInput) -> Prepared:
         engine = self.resolve(principal, spec.model)
-        return await asyncio.to_thread(self._prepare, engine, spec)
+        return await self._work.run(self._prepare, engine, spec)
 
     def _prepare(self, engine: Engine, spec: GenerationInput) -> Prepared:
         messages = None
@@ -117,7 +118,7 @@ class InferenceService:
         engine = self.resolve(principal, model)
         if any(not t for t in texts):
             raise InvalidRequest("input must not contain empty strings", param="input")
-        counts = await asyncio.to_thread(lambda: [len(engine.tokenize(t)) for t in texts])
+        counts = await self._work.run(lambda: [len(engine.tokenize(t)) for t in texts])
         longest = max(counts)
         if longest > engine.context_length:
             raise ContextLengthExceeded(

@@ -65,12 +65,17 @@ class Model:
         # control token only when special parsing is on (<|im_start|>...).
         parsed_only = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
         eog, controls = set(), set()
+        longest = 1
         for t in range(self.n_vocab):
             if llama_cpp.llama_vocab_is_eog(self.vocab, t):
                 eog.add(t)
             if llama_cpp.llama_vocab_get_attr(self.vocab, t) & parsed_only and (text := self.special_text(t)):
                 controls.add(text)
+            longest = max(longest, len(self._render(t, special=True)))
         self.eog = frozenset(eog)
+        # No token covers more bytes of text than this, so a text of n characters is at least
+        # n // max_token_bytes tokens: a cheap bound that refuses a huge prompt untokenised.
+        self.max_token_bytes = longest
         self.control_texts = tuple(sorted(controls, key=len, reverse=True))
         self._pieces: dict[int, bytes] = {}
         template = llama_cpp.llama_model_chat_template(self.ptr, None)

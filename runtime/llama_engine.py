@@ -25,7 +25,7 @@ from .engine import (
     GenerationRequest,
     fit_completion,
 )
-from .errors import EngineUnavailable, InvalidGenerationRequest
+from .errors import ContextOverflow, EngineUnavailable, InvalidGenerationRequest
 from .weights import ServedWeights
 
 __all__ = ["JSON_OBJECT_GRAMMAR", "LlamaEngine", "json_schema_to_grammar"]
@@ -241,6 +241,7 @@ class LlamaEngine:
     def tokens_for(self, request: GenerationRequest) -> list[int]:
         if (request.prompt is None) == (request.messages is None):
             raise InvalidGenerationRequest("set exactly one of prompt and messages")
+        self._refuse_certain_overflow(request)
         if request.messages is not None:
             tokens = self._chat_tokens(request.messages)
         else:
@@ -249,6 +250,22 @@ class LlamaEngine:
             model = self._model
             tokens = [model.bos if model.bos >= 0 else model.eos]
         return tokens
+
+    def _refuse_certain_overflow(self, request: GenerationRequest) -> None:
+        """A prompt that cannot fit whatever it tokenises to is refused before the chat
+        template and the tokeniser spend a core on it (a 4 MB prompt took about a second)."""
+        if request.messages is not None:
+            chars = sum(len(str(m.get("content") or "")) for m in request.messages)
+        else:
+            chars = len(request.prompt or "")
+        at_least = chars // self._model.max_token_bytes
+        if at_least > self.context_length:
+            raise ContextOverflow(
+                f"This model's maximum context length is {self.context_length} tokens; the prompt alone "
+                f"is at least {at_least} tokens. Please reduce the length of the messages.",
+                prompt_tokens=at_least,
+                limit=self.context_length,
+            )
 
     def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         model = self._model

@@ -42,6 +42,7 @@ from appliance.metering import BudgetService, CostModel, RateLimiter
 from appliance.model_registry import ModelRegistry
 from appliance.store import Store
 from appliance.teams import TeamService
+from appliance.work import WorkPool
 from runtime.gpu import read_power_watts
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
     budgets.load()
     costs = CostModel(settings.costs, settings.upstream_prices, power_watts_source=read_power_watts)
     auth = settings.auth
+    work = WorkPool()
     return Services(
         settings=settings,
         store=store,
@@ -74,11 +76,11 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
         ),
         models=ModelRegistry(store, paths.models, audit),
         pool=pool,
-        inference=InferenceService(pool, default_max_tokens=settings.runtime.default_max_tokens),
+        inference=InferenceService(pool, default_max_tokens=settings.runtime.default_max_tokens, work=work),
         teams=TeamService(store, audit),
         budgets=budgets,
         audit=audit,
-        governance=Governance(settings, store, audit, costs, budgets, RateLimiter(), enabled=governed),
+        governance=Governance(settings, store, audit, costs, budgets, RateLimiter(), enabled=governed, work=work),
         auth_failures=FailedAuthCounter(audit, window_seconds=auth.failure_window_seconds, limit=auth.failure_limit),
         trusted_proxies=TrustedProxies(settings.server.trusted_proxies),
         local_uids=trusted_local_uids(settings.server.admin_group),

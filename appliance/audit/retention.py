@@ -55,13 +55,26 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def retain(policy: str, text: str | None) -> Retained | None:
-    """What to store of `text` under `policy` (see the module docstring). Raises `ValueError`
-    for an unknown policy."""
+# Redaction looks this far past the cut, so that a value straddling it is still found whole.
+_CUT_MARGIN = 256
+
+
+def retain(policy: str, text: str | None, *, limit: int | None = None) -> Retained | None:
+    """What to store of `text` under `policy` (see the module docstring). Kept text is cut
+    after `limit` characters: the body then also holds the full text's length and sha256, so
+    a huge prompt costs neither the audit log's space nor a redaction pass over all of it.
+    Raises `ValueError` for an unknown policy."""
     check_policy(policy)
     if policy == "none" or text is None:
         return None
     if policy == "sha256":
         return Retained({"sha256": sha256_text(text)})
-    kept = redact(text) if policy == "redacted" else text
-    return Retained({"kept": policy, "sha256": sha256_text(kept)}, kept)
+    cut = limit is not None and len(text) > limit
+    source = text[: limit + _CUT_MARGIN] if cut else text
+    kept = redact(source) if policy == "redacted" else source
+    if cut:
+        kept = kept[:limit]
+    digest = {"kept": policy, "sha256": sha256_text(kept)}
+    if cut:
+        digest |= {"chars": str(len(text)), "full_sha256": sha256_text(text)}
+    return Retained(digest, kept)

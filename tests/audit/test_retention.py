@@ -77,3 +77,15 @@ def test_an_unknown_policy_names_the_valid_ones() -> None:
         resolve_policy("hashed", None, "sha256")
     with pytest.raises(ValueError):
         resolve_policy(None, None, "bogus")
+
+
+def test_kept_text_is_cut_at_the_limit_with_the_whole_texts_digest() -> None:
+    text = "mail a@b.co " * 10_000  # 120,000 characters
+    kept = retain("redacted", text, limit=1000)
+    assert kept is not None and kept.text is not None
+    assert len(kept.text) == 1000 and "a@b.co" not in kept.text and kept.text.startswith("mail [EMAIL]")
+    assert kept.digest["chars"] == str(len(text))
+    assert kept.digest["full_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert kept.digest["sha256"] == hashlib.sha256(kept.text.encode()).hexdigest()
+    short = retain("full", "short", limit=1000)
+    assert short is not None and short.text == "short" and "chars" not in short.digest

@@ -421,3 +421,11 @@ def test_a_long_input_embedded_in_chunks_matches_one_pass(engine: LlamaEngine) -
         llama_cpp.llama_free(ctx)
     norm = math.sqrt(sum(v * v for v in whole))
     assert sum(a * b / norm for a, b in zip(chunked, whole, strict=True)) > 0.999999  # equal up to rounding
+
+
+def test_a_prompt_too_long_for_any_tokenisation_is_refused_with_a_bound(engine: LlamaEngine) -> None:
+    # 200,000 characters are at least 200,000 // max_token_bytes tokens, whatever they are.
+    request = GenerationRequest(max_tokens=4, messages=[{"role": "user", "content": "x" * 200_000}])
+    with pytest.raises(ContextOverflow, match="at least") as info:
+        engine.tokens_for(request)
+    assert info.value.prompt_tokens > engine.context_length
