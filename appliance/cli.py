@@ -17,6 +17,7 @@ from appliance.keys_cli import keys
 from appliance.logs import configure_logging
 from appliance.metering.cli import budgets, teams, usage
 from appliance.models_cli import models, prepare_weights_now
+from appliance.plugins_cli import plugins
 from appliance.tls import CertificatePair, make_self_signed
 from runtime.model_file import sha256_file
 
@@ -47,6 +48,17 @@ port = 8080
 # name = "smollm2-135m-instruct"
 # slots = 8
 # n_gpu_layers = -1    # override the automatic GPU placement
+
+# Plugins (docs/plugins.md). Each takes enabled, fail ("open"|"closed"), timeout_seconds, order.
+# [plugins.pii_redact]
+# prompts = false      # redact prompts before the model sees them
+# responses = false    # redact answers (streams are then held back until complete)
+# audit = false        # redact what the audit log keeps, where it keeps text
+# [plugins.prompt_guard]
+# max_prompt_chars = 200000
+# [[plugins.prompt_guard.block]]
+# name = "no-credentials"
+# regex = '(?i)\\bpassword\\s*[:=]'
 """
 
 
@@ -143,5 +155,5 @@ def serve(data_dir: Path | None, host: str | None, port: int | None) -> None:
     run_server(settings)
 
 
-for group in (models, keys, teams, budgets, usage, audit):
+for group in (models, keys, teams, budgets, usage, audit, plugins):
     main.add_command(group)

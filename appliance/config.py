@@ -116,6 +116,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     upstream_prices: list[UpstreamPrice] = msgspec.field(default_factory=list)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    # [plugins.<name>] tables: `enabled`, `fail` ("open"|"closed"), `timeout_seconds`, `workers`
+    # for the host, the rest for the plugin (appliance/plugin_manager.py).
+    plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    # APPLIANCE_PLUGINS=a,b loads only those plugins ("none": no plugin), for debugging.
+    plugin_filter: list[str] | None = None
 
     @property
     def paths(self) -> DataPaths:
@@ -164,6 +169,8 @@ def load_settings(
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     raw["data_dir"] = str(root.resolve())
+    if "APPLIANCE_PLUGINS" in env:
+        raw["plugin_filter"] = [n.strip() for n in env["APPLIANCE_PLUGINS"].split(",") if n.strip() and n.strip() != "none"]
     settings = _check(raw, source="command line", strict=False)
     if settings.server.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"server.log_level: expected one of {sorted(_LOG_LEVELS)}, got {settings.server.log_level!r}")

@@ -48,6 +48,13 @@ class InvalidRequest(ApplianceError):
     code = "invalid_request_error"
 
 
+class PolicyViolation(InvalidRequest):
+    """A plugin's policy refused the request or its answer; the message names the rule, never
+    what matched."""
+
+    code = "policy_violation"
+
+
 class ContextLengthExceeded(InvalidRequest):
     """The prompt plus the requested completion do not fit the model's context window."""
 
@@ -170,3 +177,17 @@ class AuditUnavailable(ServiceUnavailable):
     """The audit record could not be committed, so the request is refused (fail closed)."""
 
     code = "audit_unavailable"
+
+
+class GuardrailUnavailable(ServiceUnavailable):
+    """A guardrail plugin that fails closed has failed, so the requests it would judge are
+    refused until it works again (an admin re-enables it)."""
+
+    code = "guardrail_unavailable"
+
+    def __init__(self, plugin: str) -> None:
+        super().__init__(
+            f"The '{plugin}' guardrail is unavailable, and requests it would check are refused until an admin "
+            "re-enables it (appliance plugins enable)."
+        )
+        self.plugin = plugin

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from appliance.audit import AuditLog
@@ -67,6 +67,9 @@ class RequestContext:
     auth_failed: bool = False  # counted by auth.failures, not recorded one by one
     used_tokens: int = 0  # what metering charged, for the rate limiter's refund
     completed: bool = False
+    plugin_notes: dict[str, Any] | None = None  # what prepare_request/check_response plugins noted
+    guardrails: dict[str, str] | None = None  # per check_response plugin: passed, rejected, not run...
+    audit_text: str | None = None  # a plugin's stand-in for prompt_text in kept text
 
 
 class Governance:
@@ -93,6 +96,13 @@ class Governance:
         self.limiter = limiter
         self._detached: set[asyncio.Task[None]] = set()
         self._work = work or WorkPool(2)
+        # Called with each usage record (a dict) once it is committed (plugins' on_usage); quick only.
+        self.usage_listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def keeps_text(self, principal: Principal) -> bool:
+        """Whether the audit log keeps this principal's prompt text (policy redacted or full)."""
+        policy = resolve_policy(principal.prompt_retention, None, self._settings.audit.default_prompt_retention)
+        return policy in ("redacted", "full")
 
     # -- before compute ---------------------------------------------------------------------
     def admit(self, ctx: RequestContext, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
@@ -130,7 +140,8 @@ class Governance:
             self._release(ctx)
             return
         try:
-            job, settle = await self._work.run(self._prepare, ctx, status)
+            chars = len(ctx.prompt_text or "") + len(ctx.audit_text or "")
+            job, settle = await self._work.run_for(chars, self._prepare, ctx, status)
             await self._store.write(job)
         except (StoreError, OSError) as exc:
             raise AuditUnavailable(f"the audit record could not be written: {exc}") from exc
@@ -170,6 +181,13 @@ class Governance:
             return audit_fn, lambda: None
         record, bill = usage
         usage_fn = insert_fn(record)
+        if self.usage_listeners:
+            insert, listeners = usage_fn, list(self.usage_listeners)
+
+            def usage_fn(conn: Any) -> None:
+                insert(conn)
+                self._store.after_commit(lambda: _tell(listeners, asdict(record)))
+
         admission = ctx.admission
         assert admission is not None
 
@@ -238,7 +256,7 @@ class Governance:
         if status == CLIENT_CLOSED or (ctx.finished is not None and ctx.finished.reason == "cancelled"):
             outcome = "cancelled"
         else:
-            failed = ctx.finished is not None and ctx.finished.reason == "error"
+            failed = (ctx.finished is not None and ctx.finished.reason == "error") or ctx.error_code is not None
             outcome = "ok" if status < 400 and not failed else "error"
         record = usage[0] if usage else None
         body: dict[str, Any] = {
@@ -265,11 +283,21 @@ class Governance:
             body["weights"] = ctx.weights
         if ctx.route_trail is not None:
             body["route_trail"] = ctx.route_trail
+        if ctx.plugin_notes:
+            body["plugins"] = ctx.plugin_notes
+        if ctx.guardrails:
+            body["guardrails"] = ctx.guardrails
         content = None
         if ctx.prompt_text is not None and p is not None:
             policy = resolve_policy(p.prompt_retention, None, self._settings.audit.default_prompt_retention)
-            kept = retain(policy, ctx.prompt_text, limit=self._settings.audit.max_kept_prompt_chars)
+            text = ctx.audit_text if ctx.audit_text is not None and policy in ("redacted", "full") else ctx.prompt_text
+            kept = retain(policy, text, limit=self._settings.audit.max_kept_prompt_chars)
             if kept is not None:
                 body["prompt"] = kept.digest
                 content = {"prompt": kept.text} if kept.text is not None else None
         return body, content
+
+
+def _tell(listeners: list[Callable[[dict[str, Any]], None]], record: dict[str, Any]) -> None:
+    for listener in listeners:
+        listener(record)

@@ -4,7 +4,7 @@ take and return. This module, with `appliance.redaction`, is everything a plugin
 A plugin is a module (or an object) found through the entry-point group `appliance.plugins`,
 that declares the hook-specification version it was written for and implements some hooks:
 
-    from appliance.hookspecs import HOOKSPEC_VERSION, Rejection, hookimpl
+    from appliance.hookspecs import Rejection, hookimpl
 
     APPLIANCE_HOOKSPEC = "1"          # the major version it was written for
 
@@ -12,6 +12,10 @@ that declares the hook-specification version it was written for and implements s
     def prepare_request(request, principal):
         if "forbidden" in request.text():
             return Rejection("no-forbidden-words", "This request is not allowed here.")
+
+A plugin object may set `disabled_hooks` (a set of hook names) in `configure`, to switch off
+hooks its configuration does not use: a `check_response` that would do nothing should not
+hold every stream back. `STREAMING` says how its `check_response` treats streams (below).
 
 Compatibility: `HOOKSPEC_VERSION` is "major.minor". Minor versions only add hooks or optional
 fields, so a plugin written for 1.0 loads on 1.3; a plugin that declares another major
@@ -21,7 +25,8 @@ appliance itself, one plugin at a time, each in its own worker thread with a tim
 plugin, which is reported, audited and disabled, and the other plugins still run. Whether
 its failure lets requests through ("open") or refuses them ("closed") is per plugin
 (`[plugins.<name>] fail`); the default is closed for `prepare_request` and `check_response`
-and open for everything else. See docs/plugins.md.
+and open for everything else. Plugins run in `[plugins.<name>] order` (default 100), then by
+name. See docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, Literal
 import pluggy
 
 __all__ = [
+    "ACCEPT",
     "HOOKSPEC_VERSION",
     "PROJECT",
     "AdminRoute",
@@ -56,10 +62,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @dataclass(slots=True)
 class RequestView:
-    """A chat, completion or embedding request as plugins see it. `messages` (chat) or
-    `prompt` (completion, embeddings: one entry per input) may be changed in place by
-    `prepare_request`; `notes` collects what plugins want in the request's audit record
-    (counts, rule names: never the text they found)."""
+    """A chat, completion or embedding request as plugins see it. `prepare_request` may change
+    `messages` (chat: role and content strings) or `prompt` (completion and embeddings: one
+    entry per input) in place, and the model then gets the changed text. `notes` collects
+    what plugins want in the request's audit record, under their own name (counts, rule
+    names: never the text they found). `audit_text`, when a plugin sets it, is what the audit
+    log keeps instead of `text()` where its retention policy keeps text at all
+    (`audit_keeps_text`); the sha256 policy still hashes what was sent."""
 
     kind: Literal["chat", "completion", "embeddings"]
     model: str
@@ -70,12 +79,15 @@ class RequestView:
     json_mode: bool = False
     tags: tuple[str, ...] = ()
     request_id: str = ""
+    audit_keeps_text: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+    audit_text: str | None = None
 
     def text(self) -> str:
-        """All the text the request sends the model, for a quick look."""
+        """The request's text as the audit log keeps it: "role: content" lines for a chat,
+        the inputs one per line otherwise."""
         if self.messages is not None:
-            return "\n".join(m.get("content", "") for m in self.messages)
+            return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in self.messages)
         return "\n".join(self.prompt or [])
 
 
@@ -153,8 +165,8 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class AdminRoute:
-    """An admin endpoint a plugin contributes, served at `/admin/plugins/<plugin>/<path>` to
-    admins only. `handler(query, body)` takes the query parameters and the JSON body (None
+    """An admin endpoint a plugin contributes, served at `/admin/plugins/<plugin>/routes/<path>`
+    to admins only. `handler(query, body)` takes the query parameters and the JSON body (None
     for GET) and returns a JSON-ready dict."""
 
     path: str
@@ -169,8 +181,9 @@ class Specs:
     @hookspec
     def configure(self, config: Mapping[str, Any]) -> None:
         """Called once at load with the plugin's own `[plugins.<name>]` table (without the
-        host's keys `enabled`, `fail` and `timeout_seconds`). Raise `ValueError` to refuse a
-        bad configuration: the plugin is then not loaded, and the reason is shown."""
+        host's keys `enabled`, `fail`, `timeout_seconds`, `workers` and `order`). Raise
+        `ValueError` to refuse a bad configuration: the plugin is then not loaded, and the
+        reason is shown by `appliance plugins list`."""
 
     @hookspec
     def startup(self, app: Mapping[str, Any]) -> None:
@@ -201,11 +214,14 @@ class Specs:
 
     @hookspec
     def on_usage(self, record: Mapping[str, Any]) -> None:
-        """A usage record, after it was committed (read-only). Runs off the request path."""
+        """A usage record, after it was committed (read-only): request_id, key_id, team_id,
+        model, status, token counts, timings, energy and cost. Runs off the request path."""
 
     @hookspec
     def on_audit_event(self, event: Mapping[str, Any]) -> None:
-        """An audit record, after it was committed (read-only). Runs off the request path."""
+        """An audit record, after it was committed (read-only): `idx`, `ts`, `kind`, `key_id`,
+        `team_id` and `body` (kept prompt text, which can be erased, is not included). Runs
+        off the request path."""
 
     @hookspec
     def register_checks(self, register: Callable[[Check], None]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from appliance.auth import Principal
 from appliance.engine_pool import EnginePool
 from appliance.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
-from appliance.work import WorkPool
+from appliance.work import INLINE_CHARS, WorkPool
 from runtime.engine import (
     Engine,
     Finished,
@@ -71,7 +71,11 @@ class InferenceService:
 
     async def prepare(self, principal: Principal, spec: GenerationInput) -> Prepared:
         engine = self.resolve(principal, spec.model)
-        return await self._work.run(self._prepare, engine, spec)
+        # A JSON schema's grammar can take long to build whatever its size: always off the loop.
+        chars = len(spec.prompt or "") + sum(len(m["content"]) for m in spec.messages or [])
+        if spec.response_format is not None and spec.response_format.get("type") == "json_schema":
+            chars = INLINE_CHARS
+        return await self._work.run_for(chars, self._prepare, engine, spec)
 
     def _prepare(self, engine: Engine, spec: GenerationInput) -> Prepared:
         messages = None
@@ -118,7 +122,7 @@ class InferenceService:
         engine = self.resolve(principal, model)
         if any(not t for t in texts):
             raise InvalidRequest("input must not contain empty strings", param="input")
-        counts = await self._work.run(lambda: [len(engine.tokenize(t)) for t in texts])
+        counts = await self._work.run_for(sum(map(len, texts)), lambda: [len(engine.tokenize(t)) for t in texts])
         longest = max(counts)
         if longest > engine.context_length:
             raise ContextLengthExceeded(

@@ -16,30 +16,46 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
 import importlib.metadata
+import json
 import logging
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pluggy
 
 from appliance import hookspecs
-from appliance.hookspecs import ACCEPT, AdminRoute, Check, PrincipalView, Rejection, RequestView, ResponseView, Verdict
+from appliance.errors import Conflict, GuardrailUnavailable, InvalidRequest, NotFound, ServiceUnavailable
+from appliance.hookspecs import (
+    ACCEPT,
+    AdminRoute,
+    Candidate,
+    Check,
+    PrincipalView,
+    Rejection,
+    RequestView,
+    ResponseView,
+    Verdict,
+)
+from appliance.redaction import redact
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "appliance.plugins"
 GUARDRAIL_HOOKS = ("prepare_request", "check_response")
 OBSERVER_HOOKS = ("on_usage", "on_audit_event")
-HOST_KEYS = ("enabled", "fail", "timeout_seconds", "workers")
+HOST_KEYS = ("enabled", "fail", "timeout_seconds", "workers", "order")
 _OBSERVER_BACKLOG = 1000  # values waiting for one plugin's observer before newer ones are dropped
 _BUILT_IN_DIST = "appliance"
+_REASON_CHARS = 500
+_NOTES_BYTES = 8192
 
-Notify = Callable[[str, dict[str, Any]], None]  # (action, details) -> an audit event
+Notify = Callable[[str, dict[str, Any]], None]  # (event, details) -> a system audit record
 
 
 class PluginError(Exception):
@@ -60,6 +76,7 @@ class Plugin:
     last_error: str | None = None
     fail: str | None = None  # "open" | "closed" | None: the hook's default
     timeout_seconds: float = 2.0
+    order: int = 100
     streaming: bool | None = False  # check_response on streams: False blocking, True streaming, None cannot
     dropped: int = 0  # observer values dropped because the plugin could not keep up
     pending: int = 0
@@ -79,16 +96,10 @@ class Plugin:
             "last_error": self.last_error,
             "fail": self.fail or "default",
             "timeout_seconds": self.timeout_seconds,
+            "order": self.order,
+            "streaming": {False: "blocking", True: "along", None: "cannot"}[self.streaming],
             "observer_values_dropped": self.dropped,
         }
-
-
-class GuardrailUnavailable(Exception):
-    """A plugin that fails closed has failed: requests it would judge are refused (503)."""
-
-    def __init__(self, plugin: str) -> None:
-        super().__init__(f"The '{plugin}' guardrail is unavailable, and requests it would check are refused until it works again.")
-        self.plugin = plugin
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,40 +131,73 @@ class PluginManager:
         self.checks: dict[str, tuple[str, Check]] = {}
         self.alert_channels: dict[str, tuple[str, Callable[[Mapping[str, Any]], None]]] = {}
         self.admin_routes: dict[tuple[str, str, str], AdminRoute] = {}
-        self._notify: Notify = lambda action, details: None
-        self._early: list[tuple[str, dict[str, Any]]] = []  # events before an audit log exists
+        self._notify: Notify | None = None
+        self._early: list[tuple[str, dict[str, Any]]] = []  # events before an audit log is attached
         self._lock = threading.Lock()
+        self._impls: dict[str, list[tuple[Plugin, Callable[..., Any]]]] = {}  # by hook, cleared on any state change
 
     # -- loading ----------------------------------------------------------------------------
     def load(self) -> PluginManager:
         points = self._entry_points
         if points is None:
             points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-        for point in sorted(points, key=lambda p: p.name):
-            if self._only is not None and point.name not in self._only:
+        unique: dict[str, importlib.metadata.EntryPoint] = {}
+        for point in points:
+            if point.name in unique:
+                self._refuse(
+                    Plugin(point.name, "", point.value),
+                    f"two plugins are named {point.name!r} ({unique[point.name].value} and {point.value}); only the first is loaded",
+                    keep=False,
+                )
                 continue
-            self._load_one(point)
+            unique[point.name] = point
+        for name in sorted(unique):
+            if self._only is not None and name not in self._only:
+                self._skip(unique[name])
+                continue
+            self._load_one(unique[name])
+        unknown = sorted(set(self._config) - set(unique))
+        for name in unknown:
+            log.warning("[plugins.%s] is configured, but no plugin of that name is installed", name)
+        self._impls.clear()
         return self
 
-    def _load_one(self, point: importlib.metadata.EntryPoint) -> None:
+    def _skip(self, point: importlib.metadata.EntryPoint) -> None:
+        plugin = self._new(point)
+        plugin.enabled, plugin.status = False, "disabled"
+        plugin.last_error = f"not loaded: APPLIANCE_PLUGINS names only {', '.join(sorted(self._only or ())) or 'none'}"
+
+    def _new(self, point: importlib.metadata.EntryPoint) -> Plugin:
         dist = getattr(point, "dist", None)
         dist_name = dist.metadata["Name"] if dist is not None else ""
         source = "built-in" if dist_name == _BUILT_IN_DIST else (dist_name or point.value)
-        config = self._config.get(point.name, {})
         plugin = Plugin(name=point.name, version=dist.version if dist is not None else "", source=source)
-        plugin.enabled = bool(config.get("enabled", True))
-        plugin.fail = config.get("fail")
-        plugin.timeout_seconds = float(config.get("timeout_seconds", 2.0))
         self.plugins[point.name] = plugin
-        if plugin.fail not in (None, "open", "closed"):
-            self._refuse(plugin, f"[plugins.{point.name}] fail must be \"open\" or \"closed\", got {plugin.fail!r}")
+        return plugin
+
+    def _load_one(self, point: importlib.metadata.EntryPoint) -> None:
+        config = self._config.get(point.name, {})
+        plugin = self._new(point)
+        try:
+            plugin.enabled = _flag(config.get("enabled", True), "enabled")
+            fail = config.get("fail")
+            if fail not in (None, "open", "closed"):
+                raise ValueError(f'fail must be "open" or "closed", got {fail!r}')
+            plugin.fail = fail
+            plugin.timeout_seconds = _positive(config.get("timeout_seconds", 2.0), "timeout_seconds")
+            workers = int(_positive(config.get("workers", 4), "workers"))
+            plugin.order = int(config.get("order", 100))
+        except (TypeError, ValueError) as exc:
+            self._refuse(plugin, f"[plugins.{point.name}] {exc}")
             return
         if not plugin.enabled:
             plugin.status = "disabled"
             return
         try:
             module = point.load()
-        except BaseException as exc:  # an import error, a SystemExit at import: that plugin only
+        except BaseException as exc:  # noqa: BLE001 - an import error, a SystemExit at import: that plugin only
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             self._refuse(plugin, f"import failed: {type(exc).__name__}: {exc}")
             return
         try:
@@ -162,113 +206,175 @@ class PluginManager:
         except (PluginError, pluggy.PluginValidationError, ValueError) as exc:
             self._refuse(plugin, str(exc))
             return
+        unknown = sorted(c.name for c in self._pm.get_hookcallers(module) or [] if c.spec is None)
+        if unknown:  # pluggy accepts these silently: a typo would never be called
+            self._pm.unregister(name=point.name)
+            self._refuse(plugin, f"implements {', '.join(unknown)}, which hookspec {hookspecs.HOOKSPEC_VERSION} does not have")
+            return
         plugin.module = module
-        plugin.hooks = sorted(impl for impl in _hook_names(self._pm, point.name))
-        plugin.streaming = getattr(module, "STREAMING", False)
-        plugin.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=int(config.get("workers", 4)), thread_name_prefix=f"plugin-{point.name}"
-        )
+        plugin.hooks = sorted(_hook_names(self._pm, point.name))
+        plugin.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"plugin-{point.name}")
         own = {k: v for k, v in config.items() if k not in HOST_KEYS}
         try:
-            self._call_sync(plugin, "configure", own)
+            self._call_at_load(plugin, "configure", own)
+            off = set(getattr(module, "disabled_hooks", ()) or ())
+            plugin.hooks = [h for h in plugin.hooks if h not in off]
+            plugin.streaming = getattr(module, "STREAMING", False)  # after configure, which may set it
+            if plugin.streaming not in (True, False, None):
+                raise ValueError(f"STREAMING must be True, False or None, got {plugin.streaming!r}")
             self._collect_registrations(plugin)
         except Exception as exc:  # noqa: BLE001 - a plugin's refusal or bug, reported
             self._pm.unregister(name=point.name)
-            self._refuse(plugin, f"configuration refused: {exc}")
+            plugin.module = None
+            plugin.pool.shutdown(wait=False, cancel_futures=True)
+            plugin.pool = None
+            self._refuse(plugin, f"configuration refused: {type(exc).__name__}: {exc}")
 
-    def _refuse(self, plugin: Plugin, reason: str) -> None:
+    def _refuse(self, plugin: Plugin, reason: str, *, keep: bool = True) -> None:
+        reason = _safe_reason(reason)
         plugin.status, plugin.last_error = "refused", reason
+        if keep:
+            self.plugins[plugin.name] = plugin
         log.error("plugin %s not loaded: %s", plugin.name, reason)
         self._event("plugin.refused", {"plugin": plugin.name, "reason": reason})
 
     def _collect_registrations(self, plugin: Plugin) -> None:
+        checks: dict[str, tuple[str, Check]] = {}
+        channels: dict[str, tuple[str, Callable[[Mapping[str, Any]], None]]] = {}
+        routes: dict[tuple[str, str, str], AdminRoute] = {}
+
         def add_check(check: Check) -> None:
             if not isinstance(check, Check) or not callable(check.run):
-                raise TypeError(f"{plugin.name} registered {check!r}, not a Check")
-            if check.name in self.checks:
-                raise ValueError(f"check {check.name!r} is already registered by {self.checks[check.name][0]}")
-            self.checks[check.name] = (plugin.name, check)
+                raise TypeError(f"register_checks was handed {check!r}, not a Check")
+            if check.name in self.checks or check.name in checks:
+                raise ValueError(f"check {check.name!r} is already registered")
+            checks[check.name] = (plugin.name, check)
 
         def add_channel(name: str, send: Callable[[Mapping[str, Any]], None]) -> None:
             if not isinstance(name, str) or not name or not callable(send):
-                raise TypeError(f"{plugin.name} registered an alert channel without a name or a callable")
-            if name in self.alert_channels:
-                raise ValueError(f"alert channel {name!r} is already registered by {self.alert_channels[name][0]}")
-            self.alert_channels[name] = (plugin.name, send)
+                raise TypeError("register_alert_channels needs a name and a callable")
+            if name in self.alert_channels or name in channels:
+                raise ValueError(f"alert channel {name!r} is already registered")
+            channels[name] = (plugin.name, send)
 
         def add_route(route: AdminRoute) -> None:
-            if not isinstance(route, AdminRoute) or not callable(route.handler):
-                raise TypeError(f"{plugin.name} registered {route!r}, not an AdminRoute")
+            if not isinstance(route, AdminRoute) or not callable(route.handler) or route.method not in ("GET", "POST"):
+                raise TypeError(f"register_admin_routes was handed {route!r}, not a GET or POST AdminRoute")
             path = route.path.strip("/")
             if not path or any(not part.replace("-", "").replace("_", "").isalnum() for part in path.split("/")):
                 raise ValueError(f"admin route path {route.path!r} must be words separated by slashes")
             key = (plugin.name, route.method, path)
-            if key in self.admin_routes:
-                raise ValueError(f"{route.method} {route.path} is already registered by {plugin.name}")
-            self.admin_routes[key] = route
+            if key in routes:
+                raise ValueError(f"{route.method} {route.path} is registered twice")
+            routes[key] = route
 
-        for hook, register in (("register_checks", add_check), ("register_alert_channels", add_channel),
-                               ("register_admin_routes", add_route)):
-            self._call_sync(plugin, hook, register)
+        for hook, register in (
+            ("register_checks", add_check),
+            ("register_alert_channels", add_channel),
+            ("register_admin_routes", add_route),
+        ):
+            self._call_at_load(plugin, hook, register)
+        # Only a plugin whose registrations were all valid contributes any of them.
+        self.checks |= checks
+        self.alert_channels |= channels
+        self.admin_routes |= routes
 
     # -- state ------------------------------------------------------------------------------
     def attach(self, notify: Notify) -> None:
-        """Route plugin events (failures, refusals) to the audit log from now on."""
+        """Send plugin events (failures, refusals) to `notify` from now on, starting with
+        those of loading."""
         self._notify = notify
-        for action, details in self._early:
-            notify(action, details)
-        self._early.clear()
+        early, self._early = self._early, []
+        for event, details in early:
+            self._event(event, details)
 
-    def _event(self, action: str, details: dict[str, Any]) -> None:
+    def _event(self, event: str, details: dict[str, Any]) -> None:
         if self._notify is None:
+            self._early.append((event, details))
             return
         try:
-            self._notify(action, details)
-        except Exception:  # the audit log refused: the failure is logged already
-            log.exception("could not record plugin event %s", action)
+            self._notify(event, details)
+        except Exception:  # noqa: BLE001 - the audit log refused: logged, never raised into a request
+            log.exception("could not record plugin event %s", event)
 
     def states(self) -> list[dict[str, Any]]:
-        return [p.to_dict() for p in self.plugins.values()]
+        return [self.state(p.name) for p in sorted(self.plugins.values(), key=lambda p: (p.order, p.name))]
 
-    def enable(self, name: str) -> Plugin:
-        """Clear a failure (or turn a disabled plugin on, if it was loaded)."""
-        plugin = self._get(name)
-        if plugin.module is None:
-            raise PluginError(f"plugin {name!r} is {plugin.status}: {plugin.last_error or 'not loaded'}; restart to load it")
-        plugin.enabled, plugin.status, plugin.last_error = True, "active", None
-        return plugin
+    def state(self, name: str) -> dict[str, Any]:
+        """A plugin's state, with the admin endpoints it contributed."""
+        routes = sorted(f"{m} /admin/plugins/{n}/routes/{path}" for n, m, path in self.admin_routes if n == name)
+        return self.get(name).to_dict() | {
+            "admin_routes": routes,
+            "checks": sorted(c for c, (owner, _) in self.checks.items() if owner == name),
+            "alert_channels": sorted(c for c, (owner, _) in self.alert_channels.items() if owner == name),
+        }
 
-    def disable(self, name: str) -> Plugin:
-        plugin = self._get(name)
-        plugin.enabled, plugin.status = False, "disabled"
-        return plugin
-
-    def _get(self, name: str) -> Plugin:
+    def get(self, name: str) -> Plugin:
         try:
             return self.plugins[name]
         except KeyError:
-            raise PluginError(f"no plugin named {name!r}") from None
+            raise NotFound(f"There is no plugin named '{name}'.") from None
+
+    def enable(self, name: str) -> Plugin:
+        """Turn a loaded plugin on, clearing its failure."""
+        plugin = self.get(name)
+        if plugin.module is None:
+            raise Conflict(
+                f"The plugin '{name}' was not loaded ({plugin.status}: {plugin.last_error or 'disabled in the config'}); "
+                "fix its configuration and restart the server to load it."
+            )
+        plugin.enabled, plugin.status, plugin.last_error = True, "active", None
+        self._impls.clear()
+        return plugin
+
+    def disable(self, name: str) -> Plugin:
+        """Stop calling a plugin until it is enabled again (or the server restarts)."""
+        plugin = self.get(name)
+        plugin.enabled = False
+        if plugin.status != "refused":
+            plugin.status = "disabled"
+        self._impls.clear()
+        return plugin
+
+    def restore(self, name: str, enabled: bool, status: str, last_error: str | None) -> None:
+        """Put a plugin back as it was (an admin change whose audit record failed)."""
+        plugin = self.get(name)
+        plugin.enabled, plugin.status, plugin.last_error = enabled, status, last_error
+        self._impls.clear()
 
     def _implementing(self, hook: str) -> list[tuple[Plugin, Callable[..., Any]]]:
-        found = []
-        for impl in getattr(self._pm.hook, hook).get_hookimpls():
-            plugin = self.plugins.get(impl.plugin_name)
-            if plugin is not None and plugin.status in ("active", "failed") and plugin.enabled:
-                found.append((plugin, impl.function))
+        """The enabled implementations of `hook`, active or failed, in plugin order."""
+        found = self._impls.get(hook)
+        if found is None:
+            found = []
+            for impl in getattr(self._pm.hook, hook).get_hookimpls():
+                plugin = self.plugins.get(impl.plugin_name)
+                if plugin is not None and plugin.enabled and plugin.status in ("active", "failed") and hook in plugin.hooks:
+                    found.append((plugin, impl.function))
+            found.sort(key=lambda pair: (pair[0].order, pair[0].name))
+            self._impls[hook] = found
         return found
+
+    def loaded_with(self, hook: str) -> bool:
+        """Whether any loaded plugin implements `hook`, enabled or not (if none does, none
+        ever will in this process)."""
+        return any(p.module is not None and hook in p.hooks for p in self.plugins.values())
 
     def active(self, hook: str) -> bool:
         """Whether any plugin implements `hook` (the request path skips the rest if none does)."""
         return bool(self._implementing(hook))
 
     # -- calling ----------------------------------------------------------------------------
-    def _call_sync(self, plugin: Plugin, hook: str, *args: Any) -> list[Any]:
-        """At load, on the loading thread: the plugin's own implementation of `hook`, if any."""
-        results = []
+    def _call_at_load(self, plugin: Plugin, hook: str, *args: Any) -> None:
+        """A load-time hook of one plugin, in its pool, within its time limit; raises on failure."""
+        assert plugin.pool is not None
         for impl in getattr(self._pm.hook, hook).get_hookimpls():
             if impl.plugin_name == plugin.name:
-                results.append(impl.function(*args))
-        return results
+                future = plugin.pool.submit(impl.function, *args)
+                try:
+                    future.result(timeout=plugin.timeout_seconds)
+                except concurrent.futures.TimeoutError:
+                    raise PluginError(f"{hook} took longer than {plugin.timeout_seconds:g}s") from None
 
     async def _call(self, plugin: Plugin, hook: str, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
         """(ok, result) of one implementation, in the plugin's pool, within its time limit."""
@@ -279,15 +385,23 @@ class PluginManager:
             return True, await asyncio.wait_for(asyncio.wrap_future(future), plugin.timeout_seconds)
         except TimeoutError:
             self._failed(plugin, hook, f"timed out after {time.perf_counter() - started:.1f}s (limit {plugin.timeout_seconds:g}s)")
+        except RuntimeError as exc:
+            if plugin.pool is None or "shutdown" not in str(exc):
+                self._failed(plugin, hook, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - any bug in a plugin is that plugin's failure
             self._failed(plugin, hook, f"{type(exc).__name__}: {exc}")
         return False, None
 
     def _failed(self, plugin: Plugin, hook: str, reason: str) -> None:
-        plugin.status, plugin.last_error = "failed", f"{hook}: {reason}"
+        reason = _safe_reason(reason)
+        with self._lock:
+            first = plugin.status != "failed"
+            plugin.status, plugin.last_error = "failed", f"{hook}: {reason}"
+            self._impls.clear()
         log.error("plugin %s failed in %s: %s", plugin.name, hook, reason)
-        self._event("plugin.failed", {"plugin": plugin.name, "hook": hook, "reason": reason,
-                                      "fails": "closed" if plugin.fails_closed(hook) else "open"})
+        if first:  # one record per failure, not one per request it then refuses
+            fails = "closed" if plugin.fails_closed(hook) else "open"
+            self._event("plugin.failed", {"plugin": plugin.name, "hook": hook, "reason": reason, "fails": fails})
 
     def _usable(self, plugin: Plugin, hook: str) -> bool:
         """Whether to call `plugin` now; raises `GuardrailUnavailable` for a failed one that fails closed."""
@@ -298,25 +412,37 @@ class PluginManager:
         return False
 
     async def prepare(self, request: RequestView, principal: PrincipalView) -> Rejection | None:
-        """Run every `prepare_request`, in order; the first `Rejection` stops the request."""
+        """Run every `prepare_request`, in order; the first `Rejection` stops the request.
+        Each plugin works on a copy, taken back only if it returned in time, well-formed."""
         for plugin, fn in self._implementing("prepare_request"):
             if not self._usable(plugin, "prepare_request"):
                 continue
-            ok, result = await self._call(plugin, "prepare_request", fn, request, principal)
-            if not ok:
+            work = _copy_request(request)
+            ok, result = await self._call(plugin, "prepare_request", fn, work, principal)
+            problem = _malformed(work, request) if ok else None
+            if problem is not None:
+                self._failed(plugin, "prepare_request", problem)
+            if not ok or problem is not None:
                 self._usable(plugin, "prepare_request")  # raises if it fails closed
                 continue
+            _adopt(request, work)
             if isinstance(result, Rejection):
-                request.notes.setdefault("rejected_by", f"{plugin.name}:{result.rule}")
+                own = request.notes.get(plugin.name)
+                request.notes[plugin.name] = (own if isinstance(own, dict) else {}) | {"rejected": str(result.rule)}
                 return result
         return None
 
-    async def choose(self, request: RequestView, principal: PrincipalView, candidates: list[hookspecs.Candidate]) -> list[str] | None:
+    async def choose(self, request: RequestView, principal: PrincipalView, candidates: list[Candidate]) -> list[str] | None:
+        """The first plugin's choice of candidates (names, best first), or None."""
         for plugin, fn in self._implementing("choose_route"):
             if not self._usable(plugin, "choose_route"):
                 continue
             ok, result = await self._call(plugin, "choose_route", fn, request, principal, candidates)
             if ok and result is not None:
+                if not isinstance(result, (list, tuple)):
+                    self._failed(plugin, "choose_route", f"returned {type(result).__name__}, not a list of names")
+                    self._usable(plugin, "choose_route")
+                    continue
                 return [str(name) for name in result]
         return None
 
@@ -342,23 +468,32 @@ class PluginManager:
             if wanted is not None and plugin.name not in wanted:
                 continue
             if not self._usable(plugin, "check_response"):
-                outcomes[plugin.name] = f"skipped: failed earlier ({plugin.last_error})"
+                outcomes[plugin.name] = "not run: failed earlier, fails open"
                 continue
-            ok, result = await self._call(plugin, "check_response", fn, request, response)
+            work = _copy_request(request)
+            ok, result = await self._call(plugin, "check_response", fn, work, replace(response))
+            if ok:
+                request.notes, request.audit_text = work.notes, work.audit_text
             if not ok:
                 self._usable(plugin, "check_response")
-                outcomes[plugin.name] = f"skipped: {plugin.last_error}"
+                outcomes[plugin.name] = "not run: failed, fails open"
                 continue
-            if result is None or not isinstance(result, Verdict):
+            if result is None:
                 outcomes[plugin.name] = "passed"
                 continue
-            outcomes[plugin.name] = "passed" if result.action == "accept" else f"{result.action}: {result.rule}"
-            if result.action == "accept":
-                if result.text is not None:
-                    response.text = result.text
-                    verdict = Verdict("accept", result.rule, result.text)
+            if not isinstance(result, Verdict):
+                self._failed(plugin, "check_response", f"returned {type(result).__name__}, not a Verdict or None")
+                self._usable(plugin, "check_response")
+                outcomes[plugin.name] = "not run: failed, fails open"
                 continue
-            return CheckOutcome(result, outcomes)
+            if result.action == "accept":
+                outcomes[plugin.name] = "passed" if result.text is None else f"rewrote: {result.rule or plugin.name}"
+                if isinstance(result.text, str):
+                    response.text = result.text
+                    verdict = Verdict("accept", result.rule or plugin.name, result.text)
+                continue
+            outcomes[plugin.name] = f"{result.action}: {result.rule or plugin.name}"
+            return CheckOutcome(Verdict(result.action, result.rule or plugin.name, result.text, result.feedback), outcomes)
         return CheckOutcome(verdict, outcomes)
 
     def observe(self, hook: str, value: Mapping[str, Any]) -> None:
@@ -371,11 +506,17 @@ class PluginManager:
                     plugin.dropped += 1
                     continue
                 plugin.pending += 1
-            plugin.pool.submit(self._observe_one, plugin, hook, fn, dict(value))
+            try:
+                plugin.pool.submit(self._observe_one, plugin, hook, fn, dict(value))
+            except RuntimeError:  # shutting down
+                with self._lock:
+                    plugin.pending -= 1
 
     def _observe_one(self, plugin: Plugin, hook: str, fn: Callable[..., Any], value: dict[str, Any]) -> None:
         started = time.perf_counter()
         try:
+            if isinstance(value.get("body"), str):  # an audit record's canonical JSON, parsed off the writer
+                value["body"] = json.loads(value["body"])
             fn(value)
             elapsed = time.perf_counter() - started
             if elapsed > plugin.timeout_seconds:
@@ -389,7 +530,31 @@ class PluginManager:
     async def broadcast(self, hook: str, *args: Any) -> None:
         """`startup` or `shutdown` to every plugin; failures are reported, never raised."""
         for plugin, fn in self._implementing(hook):
-            await self._call(plugin, hook, fn, *args)
+            if plugin.status == "active":
+                await self._call(plugin, hook, fn, *args)
+
+    async def call_admin_route(self, plugin_name: str, method: str, path: str, query: Mapping[str, str], body: Any) -> Mapping[str, Any]:
+        """Serve a plugin's admin endpoint. A `ValueError` from the handler is the caller's
+        400; anything else is reported (503), without disabling the plugin's hooks."""
+        plugin = self.get(plugin_name)
+        route = self.admin_routes.get((plugin_name, method, path.strip("/")))
+        if route is None or plugin.status not in ("active", "failed") or not plugin.enabled or plugin.pool is None:
+            raise NotFound(f"The plugin '{plugin_name}' serves no {method} /{path.strip('/')} (or it is not active).")
+        future = plugin.pool.submit(route.handler, dict(query), body)
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), plugin.timeout_seconds)
+        except ValueError as exc:
+            raise InvalidRequest(_safe_reason(str(exc))) from None
+        except TimeoutError:
+            raise ServiceUnavailable(f"The plugin '{plugin_name}' did not answer within {plugin.timeout_seconds:g}s.") from None
+        except Exception as exc:  # noqa: BLE001
+            reason = _safe_reason(f"{type(exc).__name__}: {exc}")
+            log.error("plugin %s admin route %s %s failed: %s", plugin_name, method, path, reason)
+            self._event("plugin.admin_route_failed", {"plugin": plugin_name, "route": f"{method} {path}", "reason": reason})
+            raise ServiceUnavailable(f"The plugin '{plugin_name}' failed to answer: {reason}") from None
+        if not isinstance(result, Mapping):
+            raise ServiceUnavailable(f"The plugin '{plugin_name}' answered with {type(result).__name__}, not a JSON object.")
+        return plain_json(result, limit=1 << 20)
 
     def close(self) -> None:
         for plugin in self.plugins.values():
@@ -397,8 +562,80 @@ class PluginManager:
                 plugin.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def plain_json(value: Any, *, limit: int = _NOTES_BYTES) -> dict[str, Any]:
+    """`value` as plain JSON (what a plugin hands the host may hold anything): unknown types
+    become strings, non-finite numbers null; more than `limit` bytes is cut to a marker."""
+    text = json.dumps(value, default=str, allow_nan=True, sort_keys=True)
+    if len(text) > limit:
+        return {"truncated": True, "bytes": len(text)}
+    parsed = json.loads(text, parse_constant=lambda _: None)
+    return parsed if isinstance(parsed, dict) else {"value": parsed}
+
+
+def _safe_reason(reason: str) -> str:
+    """A failure's text, fit for logs and the audit record: a plugin's exception message may
+    quote the request it was judging, so personal data and keys are taken out."""
+    reason = redact(reason)
+    return reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 1] + "…"
+
+
+_ROLES = frozenset({"system", "developer", "user", "assistant"})
+
+
+def _copy_request(view: RequestView) -> RequestView:
+    """A copy a plugin may change freely (and go on changing after a timeout)."""
+    return replace(
+        view,
+        messages=[dict(m) for m in view.messages] if view.messages is not None else None,
+        prompt=list(view.prompt) if view.prompt is not None else None,
+        notes=dict(view.notes),
+    )
+
+
+def _adopt(view: RequestView, changed: RequestView) -> None:
+    view.messages, view.prompt = changed.messages, changed.prompt
+    view.notes, view.audit_text = changed.notes, changed.audit_text
+
+
+def _malformed(changed: RequestView, before: RequestView) -> str | None:
+    """Why what a plugin left in its copy cannot go to the model, or None."""
+    if not isinstance(changed.notes, dict):
+        return "replaced request.notes with something that is not a dict"
+    if changed.audit_text is not None and not isinstance(changed.audit_text, str):
+        return "set request.audit_text to something that is not a string"
+    if before.messages is not None:
+        messages = changed.messages
+        if not isinstance(messages, list) or not messages:
+            return "left request.messages empty or not a list"
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
+                return "left a message that is not a dict with a known role and string content"
+        return None
+    prompt = changed.prompt
+    count = len(before.prompt or [])
+    if not isinstance(prompt, list) or len(prompt) != count or not all(isinstance(p, str) for p in prompt):
+        return f"left request.prompt other than a list of {count} strings"
+    return None
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def _check_version(module: Any) -> None:
+    """A plugin (a module, or an object whose module declares it) must name a hookspec
+    version with this appliance's major version."""
     declared = getattr(module, "APPLIANCE_HOOKSPEC", None)
+    if declared is None and not isinstance(module, types.ModuleType):
+        declared = getattr(sys.modules.get(type(module).__module__), "APPLIANCE_HOOKSPEC", None)
     if declared is None:
         raise PluginError(f"declares no APPLIANCE_HOOKSPEC (this appliance has hookspec {hookspecs.HOOKSPEC_VERSION})")
     major = str(declared).split(".", 1)[0]

@@ -119,9 +119,12 @@ class _Detector:
     name: str
     pattern: re2._Regexp  # type: ignore[name-defined]
     accept: Accept | None = None
+    needs: bytes | None = None  # a byte every match contains: a memchr skips texts without it
 
     def apply(self, data: bytes, counts: Counter[str]) -> bytes:
         """`data` with every accepted match replaced by the placeholder."""
+        if self.needs is not None and self.needs not in data:
+            return data
         match = self.pattern._regexp.Match
         placeholder = f"[{self.name.upper()}]".encode()
         pieces: list[bytes] = []
@@ -151,6 +154,7 @@ _BUILT_IN: tuple[_Detector, ...] = (
             r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
             r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}"
         ),
+        needs=b"@",
     ),
     _Detector("iban", re2.compile(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban),
     # Contiguous, or in the groups cards are printed in (4-4-4-4[-3], 4-6-5, 4-6-4).
@@ -161,7 +165,7 @@ _BUILT_IN: tuple[_Detector, ...] = (
         ),
         _card,
     ),
-    _Detector("ipv6", re2.compile(rf"{_H16}(?::{_H16}){{2,}}"), _ipv6),
+    _Detector("ipv6", re2.compile(rf"{_H16}(?::{_H16}){{2,}}"), _ipv6, needs=b":"),
     _Detector("ipv4", re2.compile(r"\b[0-9]+(?:\.[0-9]+){3,}\b"), _ipv4),
     _Detector(
         "phone",

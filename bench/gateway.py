@@ -6,7 +6,14 @@ durable, group-committed audit write, against the same app with them switched of
 Prints JSON: p50/p99 latency of sequential non-streaming chat requests for each app and the
 difference, and the maximum non-streaming requests/s (wrk when installed, else httpx).
 
-    .venv/bin/python bench/gateway.py [--requests 3000] [--seconds 10] [--connections 32]
+The plugin hook layer (issue 15) is measured on its own, in process, per request: building
+the request's view, `prepare_request` and `check_response` through the plugin manager (its
+per-plugin threads, time limits and copies) with the built-ins loaded from their entry
+points, on a chat request of about 4k tokens (counted with the default model's tokenizer
+when it is installed). Three configurations: no plugin (`APPLIANCE_PLUGINS=none`), the
+default configuration, and `pii_redact` redacting prompts and answers.
+
+    .venv/bin/python bench/gateway.py [--requests 3000] [--seconds 10] [--connections 32] [--only hooks|gateway]
 """
 
 from __future__ import annotations
@@ -108,6 +115,97 @@ def throughput(url: str, key: str, seconds: int, connections: int) -> dict[str, 
     return {"tool": "httpx", "requests_per_s": done / seconds, "non_2xx": errors, "connections": connections}
 
 
+def _long_prompt() -> tuple[str, int | None]:
+    """About 4k tokens of ordinary text with some personal data in it, and its token count."""
+    words = ("the quarterly report shows revenue growth across regions while costs remained stable "
+             "and the team plans to expand support hours next month ").split()
+    pieces = []
+    for i in range(3800):
+        pieces.append(words[i % len(words)])
+        if i % 400 == 7:
+            pieces.append(f"(contact jane.roe{i}@corp.example or +44 20 7946 {i % 10000:04d})")
+    text = " ".join(pieces)
+    try:
+        import llama_cpp
+        from _common import DEFAULT_MODEL
+
+        vocab = llama_cpp.Llama(str(DEFAULT_MODEL), vocab_only=True, verbose=False)
+        return text, len(vocab.tokenize(text.encode()))
+    except Exception:  # noqa: BLE001 - the count is a label only
+        return text, None
+
+
+def hook_layer(n: int) -> dict[str, object]:
+    """Microseconds the hook layer adds to one chat request, per configuration."""
+    import asyncio
+
+    from appliance.auth import Principal, Role
+    from appliance.governance import RequestContext
+    from appliance.guardrails import gate_for
+    from appliance.plugin_manager import PluginManager
+
+    text, tokens = _long_prompt()
+    principal = Principal("k1", "bench", Role.USER)
+    # Built-in plugins are objects shared by every manager in a process: one manager at a time.
+    configs: dict[str, tuple[dict[str, dict[str, object]], list[str] | None]] = {
+        "no_plugins": ({}, []),
+        "default_configuration": ({}, None),
+        "pii_redact_prompts_and_answers": ({"pii_redact": {"prompts": True, "responses": True}}, None),
+    }
+
+    async def one(manager: PluginManager) -> float:
+        ctx = RequestContext(request_id="r", route="POST /v1/chat/completions", client="127.0.0.1")
+        started = time.perf_counter()
+        gate = gate_for(manager, ctx, principal, "chat", "m", messages=[{"role": "user", "content": text}], max_tokens=64)
+        if gate is not None:
+            await gate.prepare(ctx)
+            await gate.check(ctx, text[:2000], streaming=False, finish_reason="stop")  # an answer of about 500 tokens
+        return (time.perf_counter() - started) * 1e6
+
+    async def run(manager: PluginManager) -> dict[str, object]:
+        for _ in range(200):
+            await one(manager)
+        times = [await one(manager) for _ in range(n)]
+        active = sorted(p["name"] for p in manager.states() if p["status"] == "active" and
+                        ({"prepare_request", "check_response"} & set(p["hooks"])))
+        return {"p50_us": percentile(times, 0.5), "p99_us": percentile(times, 0.99), "max_us": max(times),
+                "plugins_judging": active}
+
+    out: dict[str, object] = {"prompt_chars": len(text), "prompt_tokens": tokens, "requests": n}
+    for name, (config, only) in configs.items():
+        manager = PluginManager(config, only=only).load()
+        out[name] = asyncio.run(run(manager))
+        manager.close()
+    out["pii_redact_on_1mb_of_hostile_input_ms"] = _hostile()
+    out["targets"] = {"no_plugins_p99_us_max": 50, "pii_redact_p99_us_max": 1000, "hostile_1mb_ms_max": 1000}
+    return out
+
+
+def _hostile() -> dict[str, float]:
+    """Milliseconds `pii_redact` takes on 1 MB inputs built to make backtracking patterns blow up."""
+    from appliance.hookspecs import PrincipalView, RequestView
+    from plugins.pii_redact import PiiRedact
+
+    mb = 1 << 20
+    shapes = {
+        "email_like_run": ("a" * 40 + ".") * (mb // 41) + "@",
+        "dotted_digits": "1." * (mb // 2),
+        "digit_groups": "1234 " * (mb // 5),
+        "colons": "a:" * (mb // 2),
+        "at_signs": "a@" * (mb // 2),
+    }
+    plugin = PiiRedact()
+    plugin.configure({"prompts": True, "national_ids": {"ssn": r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b"}})
+    who = PrincipalView("k", "bench", "user", "default")
+    out = {}
+    for name, text in shapes.items():
+        request = RequestView(kind="completion", model="m", prompt=[text])
+        started = time.perf_counter()
+        plugin.prepare_request(request, who)
+        out[name] = round((time.perf_counter() - started) * 1000, 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", choices=["governed", "bare"])
@@ -116,9 +214,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--only", choices=["hooks", "gateway"])
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port, args.data_dir)
+        return
+    hooks = hook_layer(args.requests) if args.only != "gateway" else None
+    if args.only == "hooks":
+        print(json.dumps({"cpus": os.cpu_count(), "hook_layer": hooks}, indent=2))
         return
     results: dict[str, dict] = {}
     for offset, mode in enumerate(("bare", "governed")):
@@ -140,6 +243,7 @@ def main() -> None:
         "governed": results["governed"],
         "overhead_p50_ms": gov["p50_ms"] - bare["p50_ms"],
         "overhead_p99_ms": gov["p99_ms"] - bare["p99_ms"],
+        "hook_layer": hooks,
     }, indent=2))
 
 

@@ -37,3 +37,16 @@ def test_the_cpu_choice_runs_before_anything_is_installed() -> None:
     # install.sh and `python -m runtime.cpu` need nothing but the standard library
     mods = _loaded_after("import runtime.cpu")
     assert not {m for m in mods if m.split(".")[0] in {"llama_cpp", "numpy", "gguf", "appliance"}}
+
+
+def test_built_in_plugins_use_only_the_public_plugin_api() -> None:
+    mods = _loaded_after("import plugins.pii_redact, plugins.prompt_guard")
+    ours = {m for m in mods if m.split(".")[0] in {"appliance", "runtime", "tui"}}
+    assert ours == {"appliance", "appliance.hookspecs", "appliance.redaction"}
+    assert not {m for m in mods if m.split(".")[0] in {"litestar", "sqlite3", "llama_cpp"}}
+
+
+def test_the_control_plane_never_imports_the_plugins_package() -> None:
+    # Built-ins are found through their entry points, as third-party plugins are.
+    mods = _loaded_after("import appliance.cli, appliance.api.app, appliance.plugin_manager, appliance.guardrails")
+    assert not {m for m in mods if m.split(".")[0] == "plugins"}

@@ -50,6 +50,11 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/admin/audit/checkpoint"): {"admin", "auditor"},
     ("POST", "/admin/audit/erase"): {"admin"},
     ("GET", "/admin/models"): {"admin", "operator"},
+    ("GET", "/admin/plugins"): {"admin", "operator"},
+    ("POST", "/admin/plugins/{name:str}/enable"): {"admin"},
+    ("POST", "/admin/plugins/{name:str}/disable"): {"admin"},
+    ("GET", "/admin/plugins/{name:str}/routes/{path:path}"): {"admin"},
+    ("POST", "/admin/plugins/{name:str}/routes/{path:path}"): {"admin"},
     ("GET", "/schema/openapi.json"): ALL,
     ("GET", "/schema"): ALL,
     ("GET", "/schema/{path:str}"): ALL,
@@ -129,6 +134,13 @@ def _request_for(server: Server, method: str, path: str) -> tuple[str, str, dict
             None,
         ),
         ("GET", "/schema/{path:str}"): lambda: ("/schema/openapi.json", None),
+        # prompt_guard has no rules on this server, so turning it off and on changes nothing.
+        ("POST", "/admin/plugins/{name:str}/enable"): lambda: ("/admin/plugins/prompt_guard/enable", None),
+        ("POST", "/admin/plugins/{name:str}/disable"): lambda: ("/admin/plugins/prompt_guard/disable", None),
+        ("GET", "/admin/plugins/{name:str}/routes/{path:path}"): lambda: ("/admin/plugins/prompt_guard/routes/rules", None),
+        ("POST", "/admin/plugins/{name:str}/routes/{path:path}"): lambda: (
+            "/admin/plugins/pii_redact/routes/preview", {"text": "mail a@b.io"}
+        ),
     }
     target, body = makers.get((method, path), lambda: (path, None))()
     return method, target, body

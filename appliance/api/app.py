@@ -21,6 +21,7 @@ from appliance.api import (
     keys_routes,
     models_routes,
     openai_routes,
+    plugins_routes,
     teams_routes,
 )
 from appliance.api.audit_middleware import AuditMiddleware
@@ -40,6 +41,8 @@ from appliance.governance import Governance
 from appliance.inference import InferenceService
 from appliance.metering import BudgetService, CostModel, RateLimiter
 from appliance.model_registry import ModelRegistry
+from appliance.plugin_manager import PluginManager
+from appliance.plugin_wiring import connect_plugins, plugin_app_info
 from appliance.store import Store
 from appliance.teams import TeamService
 from appliance.work import WorkPool
@@ -53,6 +56,7 @@ ROUTES = [
     *teams_routes.ROUTES,
     *audit_routes.ROUTES,
     *models_routes.ROUTES,
+    *plugins_routes.ROUTES,
 ]
 
 
@@ -68,6 +72,9 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
     costs = CostModel(settings.costs, settings.upstream_prices, power_watts_source=read_power_watts)
     auth = settings.auth
     work = WorkPool()
+    plugins = PluginManager(settings.plugins, only=settings.plugin_filter).load()
+    governance = Governance(settings, store, audit, costs, budgets, RateLimiter(), enabled=governed, work=work)
+    connect_plugins(plugins, store, audit, governance)
     return Services(
         settings=settings,
         store=store,
@@ -80,10 +87,11 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
         teams=TeamService(store, audit),
         budgets=budgets,
         audit=audit,
-        governance=Governance(settings, store, audit, costs, budgets, RateLimiter(), enabled=governed, work=work),
+        governance=governance,
         auth_failures=FailedAuthCounter(audit, window_seconds=auth.failure_window_seconds, limit=auth.failure_limit),
         trusted_proxies=TrustedProxies(settings.server.trusted_proxies),
         local_uids=trusted_local_uids(settings.server.admin_group),
+        plugins=plugins,
     )
 
 
@@ -104,6 +112,7 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: 
                 services.pool.add(engine)
             services.pool.failures.update(loaded.failures)
         app.state.services = services
+        await services.plugins.broadcast("startup", plugin_app_info(settings))
         background = [
             asyncio.create_task(services.audit.run_periodic_checkpoints()),
             asyncio.create_task(services.auth_failures.run()),
@@ -116,6 +125,8 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: 
                 task.cancel()
             await services.pool.close()
             await services.governance.drain()
+            await services.plugins.broadcast("shutdown", plugin_app_info(settings))
+            services.plugins.close()
             with contextlib.suppress(Exception):
                 await services.auth_failures.flush(everything=True)
             try:

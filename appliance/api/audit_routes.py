@@ -79,7 +79,7 @@ async def query_audit(
     until: FromQuery[Time] = None,
     key_id: FromQuery[str | None] = None,
     team: FromQuery[str | None] = None,
-    kind: FromQuery[Literal["request", "admin", "security"] | None] = None,
+    kind: FromQuery[Literal["request", "admin", "security", "system"] | None] = None,
     limit: FromQuery[Limit] = 100,
     after: FromQuery[After] = None,
 ) -> AuditList:

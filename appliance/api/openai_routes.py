@@ -7,6 +7,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -28,8 +29,9 @@ from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, Embe
 from appliance.api.security import ANY_ROLE, roles
 from appliance.api.services import ServicesDep
 from appliance.auth import Principal, Role
-from appliance.errors import InvalidRequest
+from appliance.errors import ApplianceError, InvalidRequest
 from appliance.governance import RequestContext
+from appliance.guardrails import Gate, StreamJudge, gate_for, parse_tags
 from appliance.inference import GenerationInput, Prepared, generation_failure, usage_dict
 from runtime.engine import Finished, GenerationEvent, SamplingParams, TokenEvent
 
@@ -141,17 +143,24 @@ async def create_chat_completion(
     services.inference.resolve(request.user, data.model)  # an unknown model is a 404 before anything else
     spec = chat_input(data)
     ctx.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in spec.messages or [])
+    gate = _gate(request, services, ctx, "chat", data.model, stream=bool(data.stream), messages=spec.messages,
+                 max_tokens=spec.max_tokens, json_mode=spec.response_format is not None)
+    if gate is not None:
+        await gate.prepare(ctx)
+        spec = gate.chat_input(spec)
     prepared = await services.inference.prepare(request.user, spec)
     headers = _admit(services, ctx, request.user, [prepared])
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if data.stream:
-        stream = await services.inference.open_stream(prepared)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": prepared.model}
-        body = _sse_stream(services, ctx, stream, base, _chat_choice, include_usage, opening=_chat_opening)
+        events, judge = await _guarded_stream(services, ctx, gate, prepared)
+        body = _sse_stream(services, ctx, events, base, _chat_choice, include_usage, opening=_chat_opening, judge=judge)
         return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)  # type: ignore[return-value]
     text, finished = await services.inference.run(prepared)
     ctx.finished = finished
+    if gate is not None:
+        text = await gate.check(ctx, text, streaming=False, finish_reason=_finish(finished))
     payload = {
         "id": ident,
         "object": "chat.completion",
@@ -184,26 +193,34 @@ async def create_completion(
     ctx = request_context(request.scope)
     ctx.user = data.user or None
     services.inference.resolve(request.user, data.model)
-    prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
+    prompts = [data.prompt] if isinstance(data.prompt, str) else list(data.prompt)
     if data.stream and len(prompts) > 1:
         raise InvalidRequest("stream supports a single prompt", param="prompt")
     specs = [completion_input(data, p) for p in prompts]
     ctx.prompt_text = "\n".join(prompts)
+    gate = _gate(request, services, ctx, "completion", data.model, stream=bool(data.stream), prompt=prompts,
+                 max_tokens=specs[0].max_tokens)
+    if gate is not None:
+        await gate.prepare(ctx)
+        specs = [replace(spec, prompt=p) for spec, p in zip(specs, gate.view.prompt or prompts, strict=True)]
     prepared_all = [await services.inference.prepare(request.user, spec) for spec in specs]
     headers = _admit(services, ctx, request.user, prepared_all)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if data.stream:
-        stream = await services.inference.open_stream(prepared_all[0])
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         base = {"id": ident, "object": "text_completion", "created": created, "model": data.model}
-        body = _sse_stream(services, ctx, stream, base, _completion_choice, include_usage)
+        events, judge = await _guarded_stream(services, ctx, gate, prepared_all[0])
+        body = _sse_stream(services, ctx, events, base, _completion_choice, include_usage, judge=judge)
         return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)  # type: ignore[return-value]
     choices, results = [], []
     for index, prepared in enumerate(prepared_all):
         text, finished = await services.inference.run(prepared)
-        choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": _finish(finished)})
         results.append(finished)
-    ctx.finished = _combined(results)
+        ctx.finished = _combined(results)
+        if gate is not None:
+            text = await gate.check(ctx, text, streaming=False, finish_reason=_finish(finished))
+        choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": _finish(finished)})
+    assert ctx.finished is not None
     payload = {
         "id": ident,
         "object": "text_completion",
@@ -221,8 +238,14 @@ async def create_embeddings(
 ) -> Response[EmbeddingList]:
     ctx = request_context(request.scope)
     ctx.user = data.user or None
+    services.inference.resolve(request.user, data.model)
     texts = [data.input] if isinstance(data.input, str) else list(data.input)
     ctx.prompt_text = "\n".join(texts)
+    if services.plugins.active("prepare_request"):
+        gate = _gate(request, services, ctx, "embeddings", data.model, prompt=texts)
+        if gate is not None:
+            await gate.prepare(ctx)
+            texts = gate.view.prompt or texts
     engine, prompt_tokens = await services.inference.prepare_embeddings(request.user, data.model, texts)
     ctx.model, ctx.models_tried, ctx.weights = data.model, [data.model], engine.served_files
     admission = services.governance.admit(ctx, request.user, data.model, prompt_tokens, 0)
@@ -263,6 +286,43 @@ async def get_model(request: Request[Principal, Any, Any], model_id: FromPath[st
 
 
 ROUTES = [create_chat_completion, create_completion, create_embeddings, list_models, get_model]
+
+
+def _gate(
+    request: Request[Principal, Any, Any], services: ServicesDep, ctx: RequestContext, kind: Any, model: str, **fields: Any
+) -> Gate | None:
+    return gate_for(
+        services.plugins,
+        ctx,
+        request.user,
+        kind,
+        model,
+        tags=parse_tags(request.headers.get("x-appliance-tags")),
+        keeps_text=services.governance.keeps_text(request.user),
+        **fields,
+    )
+
+
+async def _guarded_stream(
+    services: ServicesDep, ctx: RequestContext, gate: Gate | None, prepared: Prepared
+) -> tuple[AsyncIterator[GenerationEvent], StreamJudge | None]:
+    """The events to stream, and the guardrails reading along. Blocking guardrails hold the
+    whole answer back: it is generated and judged before the response starts, so a rejection
+    is still a plain 400 (and the routing layer may still fall back)."""
+    held, along = gate.streaming_plan(ctx) if gate is not None else ([], [])
+    if gate is None or not held:
+        stream = await services.inference.open_stream(prepared)
+        return stream, StreamJudge(gate, along) if gate is not None and along else None
+    text, finished = await services.inference.run(prepared)
+    ctx.finished = finished
+    text = await gate.check(ctx, text, streaming=True, finish_reason=_finish(finished), only=held)
+    return _replay(text, finished), None
+
+
+async def _replay(text: str, finished: Finished) -> AsyncIterator[GenerationEvent]:
+    """A held answer, sent as one piece."""
+    yield TokenEvent(text)
+    yield finished
 
 
 def _finish(finished: Finished) -> str:
@@ -309,8 +369,10 @@ async def _sse_stream(
     include_usage: bool,
     *,
     opening: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    judge: StreamJudge | None = None,
 ) -> AsyncIterator[bytes]:
-    """Server-sent events; the usage and audit records are committed before `[DONE]`."""
+    """Server-sent events; the usage and audit records are committed before `[DONE]`. With a
+    `judge`, a guardrail reading along may end the stream with an error event."""
     extra = {"usage": None} if include_usage else {}
     try:
         if opening is not None:
@@ -318,14 +380,17 @@ async def _sse_stream(
         async for event in stream:
             if isinstance(event, TokenEvent):
                 if event.text:
+                    if judge is not None and await _judged(judge, ctx, event.text):
+                        yield _stream_error(ctx, judge.failure)
+                        break
                     ctx.streamed_tokens += 1
                     yield _sse(choice(base, event.text, None) | extra)
                 continue
             ctx.finished = event
             if event.reason in ("error", "cancelled"):  # the stream already began: say so in-band, as OpenAI does
-                failure = from_runtime(generation_failure(event))
-                ctx.error_code = failure.code
-                yield _sse(error_body(failure.message, failure.type, failure.code, failure.param))
+                yield _stream_error(ctx, from_runtime(generation_failure(event)))
+            elif judge is not None and await _judged(judge, ctx, None, finish_reason=_finish(event)):
+                yield _stream_error(ctx, judge.failure)
             else:
                 yield _sse(choice(base, "", _finish(event)) | extra)
             if include_usage:
@@ -333,4 +398,28 @@ async def _sse_stream(
         await services.governance.complete(ctx, 200)
         yield _DONE
     finally:
+        if judge is not None:
+            judge.cancel()
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _judged(judge: StreamJudge, ctx: RequestContext, text: str | None, *, finish_reason: str | None = None) -> bool:
+    """Feed the judge (`text`, or the end); whether the stream must end here."""
+    try:
+        if text is not None:
+            rejected = judge.feed(text) is not None
+        else:
+            rejected = await judge.finish(finish_reason) is not None
+    except ApplianceError as exc:  # a guardrail that fails closed has failed
+        judge.failure = exc
+        rejected = True
+    else:
+        if rejected:
+            judge.failure = judge.refusal()
+    ctx.guardrails = judge.outcomes()
+    return rejected
+
+
+def _stream_error(ctx: RequestContext, failure: ApplianceError) -> bytes:
+    ctx.error_code = failure.code
+    return _sse(error_body(failure.message, failure.type, failure.code, failure.param))

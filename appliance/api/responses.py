@@ -230,7 +230,7 @@ class AuditRecordOut(Out):
     idx: int
     ts: str
     ts_epoch: float
-    kind: Literal["request", "admin", "security"]
+    kind: Literal["request", "admin", "security", "system"]
     key_id: str | None
     team_id: str | None
     body: dict[str, Any]
@@ -312,3 +312,31 @@ class ModelStatusList(Out):
     object: Literal["list"]
     data: list[ModelStatus]
     backend: dict[str, Any] | None
+
+
+# -- plugins (admin) ------------------------------------------------------------------------
+class PluginInfo(Out):
+    """A plugin as the host holds it. `status`: active, disabled (by config or an admin),
+    failed (a hook raised or ran over; see `last_error`), refused (not loaded)."""
+
+    name: str
+    version: str
+    source: str  # "built-in", or the distribution it came from
+    hooks: list[str]
+    enabled: bool
+    status: Literal["active", "disabled", "failed", "refused"]
+    last_error: str | None
+    fail: Literal["open", "closed", "default"]
+    timeout_seconds: float
+    order: int
+    streaming: Literal["blocking", "along", "cannot"]
+    observer_values_dropped: int
+    admin_routes: list[str]
+    checks: list[str]
+    alert_channels: list[str]
+
+
+class PluginList(Out):
+    object: Literal["list"]
+    hookspec: str
+    data: list[PluginInfo]

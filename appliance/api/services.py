@@ -16,6 +16,7 @@ from appliance.governance import Governance
 from appliance.inference import InferenceService
 from appliance.metering import BudgetService
 from appliance.model_registry import ModelRegistry
+from appliance.plugin_manager import PluginManager
 from appliance.store import Store
 from appliance.teams import TeamService
 
@@ -35,6 +36,7 @@ class Services:
     auth_failures: FailedAuthCounter
     trusted_proxies: TrustedProxies
     local_uids: frozenset[int]  # who may use the local admin socket
+    plugins: PluginManager
 
 
 ServicesDep = NamedDependency[Services]  # how handlers ask for the services

@@ -28,7 +28,7 @@ from appliance.audit.canonical import canonical_bytes, canonical_json, canonical
 from appliance.redaction import scrub_keys
 
 GENESIS_HASH = "0" * 64
-KINDS = ("request", "admin", "security")
+KINDS = ("request", "admin", "security", "system")
 
 # Values under these keys are never recorded, whatever they look like.
 _SECRET_FIELDS = frozenset(

@@ -20,6 +20,8 @@ Request record (`kind="request"`, one per API request, see `RequestBody`):
     error         str, the error code, only when outcome != "ok"
 
     weights       {"encoding", "sha256", "adapter_sha256"}: the exact files that served it
+    plugins       {plugin: {...}}: what plugins noted (counts, rule names; never matched text)
+    guardrails    {plugin: "passed" | "reject: <rule>" | "rewrote: <rule>" | "not run: <why>"}
 
 Kept text (a prompt under the `redacted` or `full` policy) is not in the body: the body holds
 its digest, and the text is stored beside the record in `audit_content` (see `retention`),
@@ -38,6 +40,10 @@ as the change itself, see `Actor` and `admin_fn`):
 
 Security record (`kind="security"`): counted failed authentication per client address and
 reason over a window (`appliance.auth.failures`), never one record per attempt.
+
+System record (`kind="system"`): what the appliance itself did or saw, such as a plugin that
+was refused at load or failed in a hook (`event`: "plugin.refused", "plugin.failed", with
+`plugin`, `hook`, `reason` and whether it `fails` "open" or "closed").
 
 Secrets never enter a record: `append_fn` replaces API-key-shaped strings (`apl_...`, `sk-...`)
 and secret-named fields anywhere in the body (`chain.scrub_secrets`).
@@ -95,6 +101,9 @@ class RequestBody(TypedDict, total=False):
     user: str | None
     prompt: dict[str, str]
     error: str
+    weights: dict[str, str]
+    plugins: dict[str, Any]
+    guardrails: dict[str, str]
 
 
 class AdminBody(TypedDict):
@@ -168,6 +177,8 @@ class AuditLog:
         self.checkpoint_every_records = int(checkpoint_every_records)
         self.checkpoint_every_seconds = float(checkpoint_every_seconds)
         self.clock = clock
+        # Called with each record once it is committed (plugins' on_audit_event); quick only.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @classmethod
     def from_settings(cls, store: Store, settings: Settings) -> AuditLog:
@@ -223,9 +234,16 @@ class AuditLog:
                 conn.execute("INSERT INTO audit_content (idx, content) VALUES (?, ?)", (idx, content_json))
             if idx % self.checkpoint_every_records == 0:
                 self._insert_checkpoint(conn, idx, digest)
+            if self.listeners:
+                event = {"idx": idx, "ts": when, "kind": kind, "key_id": key_id, "team_id": team_id, "body": body_json}
+                self.store.after_commit(lambda: self._tell(event))
             return idx
 
         return write
+
+    def _tell(self, event: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            listener(event)
 
     def admin_fn(
         self, actor: Actor, action: str, target: str | None, *, before: Any = None, after: Any = None

@@ -61,6 +61,7 @@ class Store:
         self._writer: threading.Thread | None = None
         self._closed = False
         self.commits = 0
+        self._job_after: list[Callable[[], None]] | None = None  # the running job's, writer thread only
 
     # -- life cycle -------------------------------------------------------------------------
     def open(self) -> Store:
@@ -139,6 +140,14 @@ class Store:
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return self.submit(fn).result()
 
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """From inside a write function: run `fn` once its transaction is committed (never if
+        the job is rolled back). For observers; `fn` runs on the writer thread, so it must
+        only hand work on, quickly."""
+        if self._job_after is None:
+            raise RuntimeError("after_commit is for write functions, on the writer thread")
+        self._job_after.append(fn)
+
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         try:
             while True:
@@ -171,10 +180,12 @@ class Store:
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[tuple[WriteFn, concurrent.futures.Future[Any]]]) -> None:
         results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        after: list[Callable[[], None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, future in group:
                 conn.execute("SAVEPOINT job")
+                self._job_after = []
                 try:
                     value = fn(conn)
                 except BaseException as exc:  # a bad job must not sink its neighbours
@@ -187,6 +198,9 @@ class Store:
                 else:
                     conn.execute("RELEASE job")
                     results.append((future, value, None))
+                    after += self._job_after
+                finally:
+                    self._job_after = None
             conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
@@ -199,6 +213,11 @@ class Store:
             return
         for future, value, exc in results:
             _settle(future, value, exc)
+        for fn in after:
+            try:
+                fn()
+            except Exception:  # an observer's hand-off must never stop the writer
+                log.exception("after-commit callback failed")
 
 
 def _settle(future: concurrent.futures.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
