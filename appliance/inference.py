@@ -82,7 +82,10 @@ class InferenceService:
         if spec.messages is not None:
             messages = [{"role": _SYSTEM_ALIASES.get(m["role"], m["role"]), "content": m["content"]} for m in spec.messages]
         sampling = replace(spec.sampling, grammar=_grammar(spec.response_format))
-        draft = GenerationRequest(max_tokens=1, prompt=spec.prompt, messages=messages, sampling=sampling, stop=spec.stop)
+        draft = GenerationRequest(
+            max_tokens=1, prompt=spec.prompt, messages=messages, sampling=sampling, stop=spec.stop,
+            response_format=spec.response_format,
+        )
         tokens = engine.tokens_for(draft)
         max_tokens = fit_completion(len(tokens), spec.max_tokens, engine.context_length, default=self.default_max_tokens)
         request = replace(draft, max_tokens=max_tokens, tokens=tuple(tokens))

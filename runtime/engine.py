@@ -59,6 +59,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     request_id: str = ""
     tokens: tuple[int, ...] = ()
+    # The API's response_format ({"type": "json_object"} or {"type": "json_schema", "schema": ...}):
+    # local engines enforce `sampling.grammar` built from it; remote ones pass it on.
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

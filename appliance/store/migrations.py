@@ -169,6 +169,34 @@ def m003_key_rotation_and_audit_content(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration(4)
+def m004_routes_and_upstreams(db: sqlite_utils.Database) -> None:
+    """Routes (virtual models: a strategy and ordered candidates, as JSON) and remote
+    upstreams (an OpenAI-compatible base URL and its API key, encrypted with the data
+    directory's Fernet key; the key is never stored in clear)."""
+    db["routes"].create(
+        {"name": str, "spec": str, "created_at": float, "updated_at": float},
+        pk="name",
+        not_null={"spec", "created_at", "updated_at"},
+    )
+    db["upstreams"].create(
+        {
+            "name": str,
+            "base_url": str,
+            "api_key_enc": str,  # Fernet token of the key; NULL for an upstream that needs none
+            "models": str,  # JSON list of the model names it serves
+            "prompt_price_per_1k": float,
+            "completion_price_per_1k": float,
+            "timeout_seconds": float,
+            "max_retries": int,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="name",
+        not_null={"base_url", "models", "created_at", "updated_at"},
+    )
+
+
 def latest_version() -> int:
     return len(MIGRATIONS)
 
