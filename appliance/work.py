@@ -1,6 +1,6 @@
 """Worker threads for the control plane's CPU work off the event loop (rendering and
 tokenising prompts, compiling grammars, redacting and encoding audit records), at a lower
-CPU priority than the decode threads: on a 2-core box a 4 MB prompt being tokenised would
+CPU priority than the decode thread: on a 2-core box a 4 MB prompt being tokenised would
 otherwise take a core from llama.cpp's threads, and every stream would stall with it."""
 
 from __future__ import annotations

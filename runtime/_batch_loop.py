@@ -1,7 +1,8 @@
-"""The decode thread: one llama context, many sequences, one `llama_decode` per step (continuous
-batching). Its jobs are split by module: scheduling and accounting here, decode rows,
-drafting and compaction in `_decode_rows`, prompt chunks and prefix reuse in `_prefill`, the
-events to the event loops in `_outbox`, the sequence itself in `_sequence`."""
+"""One engine's decode loop: one llama context, many sequences, one `llama_decode` per step
+(continuous batching), stepped in turn with the other engines' loops on the shared decode
+thread (`_decode_thread`). Its jobs are split by module: scheduling and accounting here, decode
+rows, drafting and compaction in `_decode_rows`, prompt chunks and prefix reuse in `_prefill`,
+the events to the event loops in `_outbox`, the sequence itself in `_sequence`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import llama_cpp
 
 from ._decode_rows import DecodeRows
+from ._decode_thread import DecodeThread, shared_decode_thread
 from ._drafts import DraftPolicy
 from ._native import Model
 from ._outbox import Outbox
@@ -38,7 +40,9 @@ def _settle(future: concurrent.futures.Future, fn: Callable[[], Any]) -> None:
 
 
 class BatchLoop(DecodeRows, PrefillRows, Outbox):
-    """Owns the generation context on a private thread; the event loop talks to it through `submit`/`cancel`."""
+    """Owns the generation context, used only on the decode thread; the event loop talks to it
+    through `submit`/`cancel`. Attaches to `decode_thread` (default: the process's shared one)
+    at once and detaches when stopped."""
 
     def __init__(
         self,
@@ -52,7 +56,9 @@ class BatchLoop(DecodeRows, PrefillRows, Outbox):
         queue_timeout_s: float,
         energy_watts: float,
         drafts: DraftPolicy | None = None,
+        decode_thread: DecodeThread | None = None,
     ) -> None:
+        self.name = name
         self.model = model
         self.ctx = ctx
         self.n_slots = n_slots
@@ -74,7 +80,8 @@ class BatchLoop(DecodeRows, PrefillRows, Outbox):
         self.failure: str | None = None
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._cond = threading.Condition()
+        self._decoder = decode_thread or shared_decode_thread()
+        self._cond = self._decoder.cond  # one lock for every loop on the thread, so any of them can wake it
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
@@ -85,8 +92,8 @@ class BatchLoop(DecodeRows, PrefillRows, Outbox):
         self._dirty: list[Sequence] = []
         self._stopping = False
         self._avg_request_s = 2.0
-        self._thread = threading.Thread(target=self._run, name=f"decode-{name}", daemon=True)
-        self._thread.start()
+        self._stopped = threading.Event()  # set once `_shutdown` has run
+        self._decoder.attach(self)
 
     # ----- event-loop side ---------------------------------------------------------------
 
@@ -100,12 +107,12 @@ class BatchLoop(DecodeRows, PrefillRows, Outbox):
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return not self._stopping and self._decoder.alive
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence, or raise `EngineOverloaded`/`EngineUnavailable` at once."""
         with self._cond:
-            if self._stopping or not self._thread.is_alive():
+            if self._stopping or not self._decoder.alive:
                 raise EngineUnavailable("engine is closed")
             free = max(0, self.n_slots - len(self._active))
             if len(self._waiting) >= self.queue_limit + free:
@@ -142,11 +149,16 @@ class BatchLoop(DecodeRows, PrefillRows, Outbox):
         return future
 
     def stop(self) -> None:
-        """Stop the thread (blocking): waiting requests get `EngineUnavailable`, active ones `cancelled`."""
+        """Stop the loop (blocking): waiting requests get `EngineUnavailable`, active ones `cancelled`.
+
+        Called on the decode thread itself (from a `call`), it returns at once and the loop
+        shuts down at its next turn.
+        """
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join()
+        if not self._decoder.on_thread():
+            self._stopped.wait()
 
     def _retry_after(self) -> float:
         backlog = (len(self._waiting) + 1) / max(1, self.n_slots)
@@ -154,35 +166,35 @@ class BatchLoop(DecodeRows, PrefillRows, Outbox):
 
     # ----- decode thread ------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def has_work(self) -> bool:
+        """Whether the decode thread should give this loop a turn (called with `_cond` held)."""
+        return bool(self._stopping or self._calls or self._shared or self._active or self._waiting)
+
+    def run_once(self) -> None:
+        """One turn: queued calls, a shared item and one step; once stopping (or dead), the shutdown."""
         try:
-            while self._wait_for_work():
+            if self._admit():
                 self._run_calls()
                 self._run_shared()
                 try:
                     self._step()
                 except Exception as exc:  # a bug or a llama.cpp failure: fail what runs, keep serving
-                    log.exception("decode step failed")
+                    log.exception("decode step failed (%s)", self.name)
                     self._fail_active(f"decode step failed: {exc}")
                 self._flush()
-        except BaseException as exc:  # pragma: no cover - last resort, keeps the process alive
-            log.exception("decode thread died")
-            self.failure = f"decode thread died: {exc}"
-        finally:
-            self._shutdown()
+                return
+        except BaseException as exc:  # last resort: this loop dies, the others keep serving
+            log.exception("decode loop died (%s)", self.name)
+            self.failure = f"decode loop died: {exc}"
+        self._shutdown()
 
-    def _wait_for_work(self) -> bool:
+    def _admit(self) -> bool:
+        """Expire and admit waiting sequences; False once stopping."""
         with self._cond:
-            while not self._stopping:
-                now = time.monotonic()
-                self._expire_waiting(now)
-                if self._calls or self._shared or self._active or self._waiting:
-                    break
-                self._flush()
-                self._cond.wait()  # idle: submit(), cancel(), call() and stop() notify
             if self._stopping:
                 return False
             now = time.monotonic()
+            self._expire_waiting(now)
             while self._waiting and len(self._active) < self.n_slots:
                 seq = self._waiting.popleft()
                 seq.state = "active"
@@ -295,17 +307,21 @@ class BatchLoop(DecodeRows, PrefillRows, Outbox):
             waiting, self._waiting = list(self._waiting), deque()
             calls, self._calls = list(self._calls) + list(self._shared), deque()
             self._shared = deque()
-        for seq in waiting:
-            seq.state = "done"
-            self._free_sampler(seq)
-            self._post_error(seq, EngineUnavailable("engine closed"))
-        for seq in list(self._active):
-            if seq.cancelled:
-                self._retire(seq, clear_kv=True)
-            else:
-                self._finish(seq, "cancelled", flush=False)
-        for _, future in calls:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(EngineUnavailable("engine closed"))
-        self._flush()
-        llama_cpp.llama_batch_free(self._batch)
+        try:
+            for seq in waiting:
+                seq.state = "done"
+                self._free_sampler(seq)
+                self._post_error(seq, EngineUnavailable("engine closed"))
+            for seq in list(self._active):
+                if seq.cancelled:
+                    self._retire(seq, clear_kv=True)
+                else:
+                    self._finish(seq, "cancelled", flush=False)
+            for _, future in calls:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineUnavailable("engine closed"))
+            self._flush()
+            llama_cpp.llama_batch_free(self._batch)
+        finally:
+            self._decoder.detach(self)
+            self._stopped.set()

@@ -43,7 +43,7 @@ class DecodeRows:
         lowest free one. Every run of consecutive busy slots costs llama.cpp a pass over the
         weights (6 or 7 sequences with a gap: 33 ms a step, against 22 ms for 8 in one run),
         and a stream copy costs about a millisecond. Only with nobody waiting: otherwise a new
-        request is about to fill the gap (`_wait_for_work` admits before every step)."""
+        request is about to fill the gap (`_admit` admits before every step)."""
         if self._waiting:
             return
         while (gap := self.slots.gap()) is not None:

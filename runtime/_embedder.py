@@ -19,13 +19,14 @@ _CHUNK_TOKENS = 64
 
 
 class Embedder:
-    """Created lazily. `plan` runs anywhere; `run` must run on the engine's decode thread.
+    """Created lazily. `plan` runs anywhere; `run` must run on the decode thread (`BatchLoop.call`).
 
     llama.cpp computes on OpenMP threads, and libgomp keeps a team of them per calling thread.
     Once a second team exists (an embedding call from a worker thread), there are more OpenMP
     threads than cores, and libgomp cuts its spin-waiting at barriers to almost nothing for
     every team: chat ran at half speed for good after one embeddings request. Running
-    embeddings on the decode thread, taking turns with decode steps, keeps one team.
+    embeddings on the decode thread, which every engine shares, taking turns with decode steps,
+    keeps one team.
     """
 
     def __init__(self, model: Model, *, n_ctx: int, n_threads: int, n_seq_max: int = 8) -> None:

@@ -1,4 +1,5 @@
-"""`LlamaEngine`: the Engine protocol over llama.cpp, with continuous batching on one decode thread."""
+"""`LlamaEngine`: the Engine protocol over llama.cpp, with continuous batching on the decode
+thread that every engine in the process shares."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import llama_cpp
 
 from ._batch_loop import BatchLoop, Sequence
 from ._chat_template import ChatTemplate, PromptBuilder
+from ._decode_thread import DecodeThread
 from ._drafts import DraftPolicy
 from ._embedder import Embedder
 from ._native import Model, new_context
@@ -48,6 +50,9 @@ class LlamaEngine:
     `draft_tokens` caps the guessed tokens a sequence may add to a decode step (speculative
     decoding by prompt lookup, see `runtime._drafts`; 0 turns it off). How many it adds is
     measured as it runs, unless `always_draft` fixes it at the cap. Answers are the same either way.
+
+    Decode steps run on `decode_thread`, by default the one the process shares (see
+    `runtime._decode_thread`): engines take steps in turn instead of competing for the cores.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class LlamaEngine:
         weights: ServedWeights | None = None,
         draft_tokens: int = 3,
         always_draft: bool = False,
+        decode_thread: DecodeThread | None = None,
     ) -> None:
         if slots < 1 or n_ctx_per_slot < 8 or n_batch < slots or queue_limit < 0 or draft_tokens < 0:
             raise ValueError(
@@ -113,6 +119,7 @@ class LlamaEngine:
             queue_timeout_s=queue_timeout_s,
             energy_watts=energy_watts,
             drafts=drafts,
+            decode_thread=decode_thread,
         )
 
     @classmethod
