@@ -2,7 +2,7 @@
 # Install the appliance from this checkout: venv, package, default model, first-run init.
 #
 #   ./install.sh            install for running
-#   ./install.sh --dev      also install the test dependencies (.[test])
+#   ./install.sh --dev      also install the test dependencies (.[test]) and the tests' second model
 #   ./install.sh --no-init  stop before `appliance init` (container images run it at start-up)
 #
 # Environment: PYTHON (interpreter used to create .venv, default python3),
@@ -75,6 +75,11 @@ fi
 # 4. The default model, verified by sha256 (a no-op when already present)
 step "fetching the default model into $MODEL_DIR"
 "$VENV/bin/python" packaging/fetch_model.py --dest "$MODEL_DIR"
+if [[ "$DEV" == 1 ]]; then
+    # The routing tests' second, costlier model (completion only), verified the same way.
+    step "fetching Gemma 3 270M (tests) into $MODEL_DIR"
+    "$VENV/bin/python" packaging/fetch_model.py --dest "$MODEL_DIR" --model gemma3-270m
+fi
 
 # 5. First-run initialisation: data dir, database, first admin key, model registration
 if [[ "$INIT" == 1 ]]; then

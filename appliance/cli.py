@@ -18,7 +18,9 @@ from appliance.logs import configure_logging
 from appliance.metering.cli import budgets, teams, usage
 from appliance.models_cli import models, prepare_weights_now
 from appliance.plugins_cli import plugins
+from appliance.routes_cli import routes
 from appliance.tls import CertificatePair, make_self_signed
+from appliance.upstreams_cli import upstreams
 from runtime.model_file import sha256_file
 
 DEFAULT_CONFIG = """\
@@ -155,5 +157,5 @@ def serve(data_dir: Path | None, host: str | None, port: int | None) -> None:
     run_server(settings)
 
 
-for group in (models, keys, teams, budgets, usage, audit, plugins):
+for group in (models, keys, teams, budgets, usage, audit, plugins, routes, upstreams):
     main.add_command(group)

@@ -66,6 +66,11 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Completion tokens when a request gives no max_tokens: what is generated at most, and what
     # budgets and the tokens-per-minute limit reserve (settled on real use).
     default_max_tokens: Positive = 512
+    # The model pool (appliance/model_pool.py): the RAM its models may take, in MB (0 = auto,
+    # 80% of MemTotal; what /proc/meminfo says is available caps it either way), and how long
+    # an unpinned model may sit unused before it is unloaded (0 = never).
+    memory_budget_mb: Annotated[int, Meta(ge=0)] = 0
+    idle_unload_seconds: Annotated[float, Meta(ge=0)] = 1800.0
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -79,6 +84,7 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     weights: WeightsMode | None = None
     draft_tokens: DraftTokens | None = None
     enabled: bool = True
+    idle_unload_seconds: Annotated[float, Meta(ge=0)] | None = None  # default: [runtime]'s; 0 = never
 
 
 class CostSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -98,6 +104,18 @@ class UpstreamPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     output_per_1k: Annotated[float, Meta(ge=0)] = 0.0
 
 
+class RoutingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Fallback and circuit breakers (appliance/routing/). A route may set its own deadline."""
+
+    # A candidate that has not produced its first token by then is given up for the next one.
+    first_token_timeout_seconds: PositiveFloat = 30.0
+    # A candidate's breaker opens after this many failures (errors, timeouts, failed retries)
+    # within the window, stays open for the cooldown, then lets one probe through.
+    breaker_failures: Positive = 5
+    breaker_window_seconds: PositiveFloat = 60.0
+    breaker_cooldown_seconds: PositiveFloat = 30.0
+
+
 class AuditSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     checkpoint_every_records: Positive = 1000
     checkpoint_every_seconds: PositiveFloat = 60.0
@@ -114,6 +132,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     models: list[ModelSettings] = msgspec.field(default_factory=list)
     costs: CostSettings = msgspec.field(default_factory=CostSettings)
     upstream_prices: list[UpstreamPrice] = msgspec.field(default_factory=list)
+    routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     # [plugins.<name>] tables: `enabled`, `fail` ("open"|"closed"), `timeout_seconds`, `workers`

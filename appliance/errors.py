@@ -173,6 +173,13 @@ class ServiceUnavailable(ApplianceError):
         return {"Retry-After": "5"}
 
 
+class ModelDoesNotFit(ServiceUnavailable):
+    """Loading the model would take more memory than the pool's budget has free, even after
+    evicting every idle unpinned model; the message says what it needs and what is free (MB)."""
+
+    code = "insufficient_memory"
+
+
 class AuditUnavailable(ServiceUnavailable):
     """The audit record could not be committed, so the request is refused (fail closed)."""
 

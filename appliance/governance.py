@@ -105,8 +105,12 @@ class Governance:
         return policy in ("redacted", "full")
 
     # -- before compute ---------------------------------------------------------------------
-    def admit(self, ctx: RequestContext, principal: Principal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
-        """Check the key's rate limits, then reserve the worst case against every budget.
+    def admit(
+        self, ctx: RequestContext, principal: Principal, model: str, prompt_tokens: int, max_tokens: int,
+        *, models: list[str] | None = None,
+    ) -> Admission:
+        """Check the key's rate limits, then reserve the worst case against every budget: the
+        dearest of `models` (the candidates a fallback may still reach), default `model`.
 
         Raises `RateLimited` or `QuotaExceeded` (429) before any compute is spent.
         """
@@ -116,7 +120,7 @@ class Governance:
             ctx.admission = Admission(model, None, RateHeaders(), tokens, prompt_tokens)
             return ctx.admission
         rate = self.limiter.check(principal.key_id, principal.rpm, principal.tpm, tokens)
-        worst = self.costs.worst_case(model, prompt_tokens, max_tokens)
+        worst = max(self.costs.worst_case(m, prompt_tokens, max_tokens) for m in (models or [model]))
         try:
             reservation = self.budgets.reserve(principal.key_id, principal.team_id, cost=worst, tokens=tokens)
         except BaseException:

@@ -64,12 +64,14 @@ class Gate:
             return spec
         return replace(spec, messages=self.view.messages)
 
-    async def check(self, ctx: RequestContext, text: str, *, streaming: bool, finish_reason: str | None, only: list[str] | None = None) -> str:
-        """Judge a complete answer that nobody has seen yet; returns the text to send (a
-        plugin may rewrite it). Raises `PolicyViolation` when a plugin rejects it, or asks for
-        another answer, which only the routing layer can give."""
+    async def judge(
+        self, ctx: RequestContext, text: str, *, streaming: bool, finish_reason: str | None, only: list[str] | None = None
+    ) -> tuple[str, Verdict | None]:
+        """Judge a complete answer that nobody has seen yet: (the text to send, None) when it
+        is accepted (a plugin may have rewritten it), (text, verdict) when a plugin asks for
+        another answer ("retry" or "fallback"). Raises `PolicyViolation` when one rejects it."""
         if not self.plugins.active("check_response"):
-            return text
+            return text, None
         response = ResponseView(text=text, done=True, streaming=streaming, model=self.view.model, finish_reason=finish_reason)
         try:
             outcome = await self.plugins.check(self.view, response, only=only)
@@ -79,9 +81,15 @@ class Gate:
         ctx.guardrails = dict(self.outcomes)
         verdict = outcome.verdict
         if verdict.action == "accept":
-            return verdict.text if verdict.text is not None else text
+            return (verdict.text if verdict.text is not None else text), None
+        if verdict.action == "reject":
+            raise self.refuse(ctx, verdict)
+        return text, verdict
+
+    def refuse(self, ctx: RequestContext, verdict: Verdict) -> PolicyViolation:
+        """The refusal for a verdict that cannot be honoured (or a rejection)."""
         ctx.error_code = PolicyViolation.code
-        raise PolicyViolation(_refusal(verdict))
+        return PolicyViolation(_refusal(verdict))
 
     def streaming_plan(self, ctx: RequestContext) -> tuple[list[str], list[str]]:
         """For a stream: the guardrails that hold it back, and those that read along. Those
@@ -172,7 +180,7 @@ def _refusal(verdict: Verdict) -> str:
     if verdict.action in ("retry", "fallback"):
         return (
             f"The answer did not pass the site's policy (rule '{verdict.rule}'), which asked for another answer "
-            f"({verdict.action}); none is available for this model."
+            f"({verdict.action}); no other answer is available."
         )
     return f"The answer was withheld by the site's policy (rule '{verdict.rule}')."
 
@@ -192,8 +200,8 @@ def gate_for(
     tags: tuple[str, ...] = (),
     keeps_text: bool = False,
 ) -> Gate | None:
-    """The request's gate, or None when no plugin judges requests or answers."""
-    if not (plugins.active("prepare_request") or plugins.active("check_response")):
+    """The request's gate, or None when no plugin judges requests or answers, or routes them."""
+    if not (plugins.active("prepare_request") or plugins.active("check_response") or plugins.active("choose_route")):
         return None
     view = RequestView(
         kind=kind,

@@ -5,7 +5,6 @@ to grammar conversion) run in a worker thread, never on the event loop."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,10 +15,8 @@ from appliance.work import INLINE_CHARS, WorkPool
 from runtime.engine import (
     Engine,
     Finished,
-    GenerationEvent,
     GenerationRequest,
     SamplingParams,
-    TokenEvent,
     fit_completion,
 )
 from runtime.errors import EngineUnavailable, RuntimeFault
@@ -69,11 +66,12 @@ class InferenceService:
     def visible_models(self, principal: Principal) -> list[str]:
         return [name for name in self.pool.names() if principal.may_use(name)]
 
-    async def prepare(self, principal: Principal, spec: GenerationInput) -> Prepared:
-        engine = self.resolve(principal, spec.model)
+    async def prepare_on(self, engine: Engine, name: str, spec: GenerationInput) -> Prepared:
+        """Render, count and size the request for `engine` (a routing candidate, `name`)."""
+        spec = replace(spec, model=name)
         # A JSON schema's grammar can take long to build whatever its size: always off the loop.
         chars = len(spec.prompt or "") + sum(len(m["content"]) for m in spec.messages or [])
-        if spec.response_format is not None and spec.response_format.get("type") == "json_schema":
+        if spec.response_format is not None and spec.response_format.get("type") == "json_schema" and not getattr(engine, "remote", False):
             chars = INLINE_CHARS
         return await self._work.run_for(chars, self._prepare, engine, spec)
 
@@ -81,7 +79,9 @@ class InferenceService:
         messages = None
         if spec.messages is not None:
             messages = [{"role": _SYSTEM_ALIASES.get(m["role"], m["role"]), "content": m["content"]} for m in spec.messages]
-        sampling = replace(spec.sampling, grammar=_grammar(spec.response_format))
+        # A remote engine enforces response_format itself; only local ones need the grammar.
+        remote = getattr(engine, "remote", False)
+        sampling = replace(spec.sampling, grammar=None if remote else _grammar(spec.response_format))
         draft = GenerationRequest(
             max_tokens=1, prompt=spec.prompt, messages=messages, sampling=sampling, stop=spec.stop,
             response_format=spec.response_format,
@@ -91,38 +91,9 @@ class InferenceService:
         request = replace(draft, max_tokens=max_tokens, tokens=tuple(tokens))
         return Prepared(spec.model, engine, request, len(tokens))
 
-    # -- running --------------------------------------------------------------------------------
-    async def open_stream(self, prepared: Prepared) -> AsyncIterator[GenerationEvent]:
-        """Start the generation and wait for its first event, so that refusals (overload,
-        overflow) surface as errors before any response is sent."""
-        stream = prepared.engine.generate(prepared.request)
-        try:
-            first = await anext(stream)
-        except BaseException:
-            await stream.aclose()  # type: ignore[attr-defined]
-            raise
-        return _prepend(first, stream)
-
-    async def run(self, prepared: Prepared) -> tuple[str, Finished]:
-        """The whole answer. A generation that fails or is cancelled (the server shutting
-        down) raises, so that it is never answered as a complete one."""
-        parts: list[str] = []
-        stream = await self.open_stream(prepared)
-        try:
-            async for event in stream:
-                if isinstance(event, TokenEvent):
-                    parts.append(event.text)
-                elif event.reason in ("error", "cancelled"):
-                    raise generation_failure(event)
-                else:
-                    return "".join(parts), event
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-        raise EngineUnavailable("the model ended the stream without finishing")
-
-    async def prepare_embeddings(self, principal: Principal, model: str, texts: list[str]) -> tuple[Engine, int]:
-        """Check the inputs and count their tokens (off the loop); the engine and the total."""
-        engine = self.resolve(principal, model)
+    async def count_embedding_tokens(self, engine: Engine, texts: list[str]) -> int:
+        """The inputs' tokens on `engine`; `InvalidRequest` for an empty input,
+        `ContextLengthExceeded` for one longer than the engine embeds."""
         if any(not t for t in texts):
             raise InvalidRequest("input must not contain empty strings", param="input")
         counts = await self._work.run_for(sum(map(len, texts)), lambda: [len(engine.tokenize(t)) for t in texts])
@@ -131,7 +102,7 @@ class InferenceService:
             raise ContextLengthExceeded(
                 f"An input is {longest} tokens; this model embeds at most {engine.context_length}.", param="input"
             )
-        return engine, sum(counts)
+        return sum(counts)
 
 
 def generation_failure(finished: Finished) -> RuntimeFault:
@@ -139,15 +110,6 @@ def generation_failure(finished: Finished) -> RuntimeFault:
     if finished.reason == "cancelled":
         return EngineUnavailable("the generation was cancelled: the server is shutting down")
     return finished.error or EngineUnavailable("the model failed mid-generation")
-
-
-async def _prepend(first: GenerationEvent, rest: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
-    try:
-        yield first
-        async for event in rest:
-            yield event
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
 
 
 def _grammar(response_format: dict[str, Any] | None) -> str | None:

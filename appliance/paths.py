@@ -52,6 +52,11 @@ class DataPaths:
         return self.keys / "server_secret"
 
     @property
+    def upstream_secret_key(self) -> Path:
+        """The Fernet key that encrypts remote upstreams' API keys in the database."""
+        return self.keys / "upstreams.fernet"
+
+    @property
     def admin_socket(self) -> Path:
         """The running server's local admin socket (peer-credential authentication)."""
         return self.root / "admin.sock"

@@ -432,8 +432,10 @@ class PluginManager:
                 return result
         return None
 
-    async def choose(self, request: RequestView, principal: PrincipalView, candidates: list[Candidate]) -> list[str] | None:
-        """The first plugin's choice of candidates (names, best first), or None."""
+    async def choose(
+        self, request: RequestView, principal: PrincipalView, candidates: list[Candidate]
+    ) -> tuple[str, list[str]] | None:
+        """The first plugin's choice of candidates (its name, and names best first), or None."""
         for plugin, fn in self._implementing("choose_route"):
             if not self._usable(plugin, "choose_route"):
                 continue
@@ -443,7 +445,7 @@ class PluginManager:
                     self._failed(plugin, "choose_route", f"returned {type(result).__name__}, not a list of names")
                     self._usable(plugin, "choose_route")
                     continue
-                return [str(name) for name in result]
+                return plugin.name, [str(name) for name in result]
         return None
 
     def guardrails_for(self, *, streaming: bool) -> tuple[list[str], list[str], list[str]]:

@@ -69,6 +69,10 @@ def _only_an_audit_record_was_added(server: Server, before: dict[str, int], stat
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 7}', "temperature"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "bogus": 1}', "bogus"),
+        # Types as the OpenAPI document states them, not coerced: litestar alone would take these.
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": 0}', "stream"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "8"}', "max_tokens"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "0.5"}', "temperature"),
     ],
 )
 def test_malformed_requests_are_400(server: Server, body: bytes, param: str | None) -> None:

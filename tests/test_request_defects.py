@@ -14,9 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.api.app import build_services
 from appliance.auth import Principal, Role
+from appliance.config import load_settings
 from appliance.engine_pool import EnginePool
-from appliance.inference import GenerationInput, InferenceService
+from appliance.governance import RequestContext
+from appliance.inference import GenerationInput
+from appliance.routing.router import Need
 from runtime.engine import SamplingParams
 from runtime.errors import EngineUnavailable
 from runtime.llama_engine import LlamaEngine
@@ -100,21 +104,26 @@ def test_a_database_error_is_a_503_with_nothing_half_written(tmp_path: Path, mod
         stop_server(proc)
 
 
-def test_a_generation_cancelled_by_shutdown_is_not_answered_as_complete(model_path: Path) -> None:
+def test_a_generation_cancelled_by_shutdown_is_not_answered_as_complete(model_path: Path, tmp_path: Path) -> None:
+    """Through the request path's own dispatcher (real services on a real store), not only the engine."""
     engine = LlamaEngine(str(model_path), name="m", slots=1, n_ctx_per_slot=512, embeddings=False, draft_tokens=0)
-    service = InferenceService(EnginePool([engine]))
+    services = build_services(load_settings(tmp_path, env={}), EnginePool([engine]))
     principal = Principal(key_id="k", name="k", role=Role.USER)
 
     async def scenario() -> None:
         spec = GenerationInput(model="m", max_tokens=400, messages=STORY, sampling=SamplingParams(temperature=0))
-        prepared = await service.prepare(principal, spec)
-        running = asyncio.create_task(service.run(prepared))
+        plan = services.router.plan(principal, "m", Need(kind="chat"))
+        ctx = RequestContext(request_id="r", route="/v1/chat/completions", client="test")
+        running = asyncio.create_task(services.dispatcher.complete(ctx, principal, spec, plan))
         await asyncio.sleep(0.5)
         await engine.close()  # what the server's shutdown does once its grace period is over
         with pytest.raises(EngineUnavailable, match="shutting down"):
             await running
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        services.store.close()
 
 
 def test_every_request_record_names_the_files_that_served_it(server: Server) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,17 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/admin/audit/checkpoint"): {"admin", "auditor"},
     ("POST", "/admin/audit/erase"): {"admin"},
     ("GET", "/admin/models"): {"admin", "operator"},
+    ("GET", "/admin/routes"): {"admin", "operator"},
+    ("GET", "/admin/routes/{name:str}"): {"admin", "operator"},
+    ("PUT", "/admin/routes/{name:str}"): {"admin", "operator"},
+    ("DELETE", "/admin/routes/{name:str}"): {"admin", "operator"},
+    ("POST", "/admin/routes/explain"): {"admin", "operator"},
+    ("GET", "/admin/router/calibration"): {"admin", "operator"},
+    ("PUT", "/admin/router/calibration"): {"admin", "operator"},
+    ("DELETE", "/admin/router/calibration"): {"admin", "operator"},
+    ("GET", "/admin/upstreams"): {"admin", "operator"},
+    ("PUT", "/admin/upstreams/{name:str}"): {"admin"},
+    ("DELETE", "/admin/upstreams/{name:str}"): {"admin"},
     ("GET", "/admin/plugins"): {"admin", "operator"},
     ("POST", "/admin/plugins/{name:str}/enable"): {"admin"},
     ("POST", "/admin/plugins/{name:str}/disable"): {"admin"},
@@ -93,6 +104,12 @@ def _admin_post(server: Server, path: str, body: dict[str, Any]) -> dict[str, An
     return r.json()
 
 
+def _admin_put(server: Server, path: str, body: dict[str, Any]) -> str:
+    r = httpx.put(server.url + path, json=body, headers={"Authorization": f"Bearer {server.admin_key}"})
+    assert r.status_code == 200, r.text
+    return path
+
+
 def _budget_team(server: Server) -> str:
     """Budgets made by this walk go on a team of their own, so they cannot starve other tests."""
     r = httpx.get(server.url + "/admin/teams", headers={"Authorization": f"Bearer {server.admin_key}"})
@@ -101,9 +118,24 @@ def _budget_team(server: Server) -> str:
     return "role-walk"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def routing_left_as_found(server: Server) -> Iterator[None]:
+    """The walk's routes, upstreams and calibration would show in other tests' `/v1/models`."""
+    yield
+    headers = {"Authorization": f"Bearer {server.admin_key}"}
+    for kind in ("routes", "upstreams"):
+        for item in httpx.get(f"{server.url}/admin/{kind}", headers=headers).json()["data"]:
+            httpx.delete(f"{server.url}/admin/{kind}/{item['name']}", headers=headers)
+    httpx.delete(f"{server.url}/admin/router/calibration", headers=headers)
+
+
 def _request_for(server: Server, method: str, path: str) -> tuple[str, str, dict[str, Any] | None]:
     """A valid request for the route; resources to delete are created fresh each time."""
     chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    route = {"candidates": [{"model": MODEL_NAME}]}
+    upstream = {"base_url": "http://127.0.0.1:9/v1", "models": ["walked-model"]}
+    golden = {"easy": [{"prompt": "hi " * i} for i in range(1, 11)],
+              "hard": [{"prompt": "Prove the theorem step by step. " * i} for i in range(1, 11)]}
     makers: dict[tuple[str, str], Callable[[], tuple[str, dict[str, Any] | None]]] = {
         ("POST", "/v1/chat/completions"): lambda: (path, chat),
         ("POST", "/v1/completions"): lambda: (path, {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}),
@@ -134,6 +166,15 @@ def _request_for(server: Server, method: str, path: str) -> tuple[str, str, dict
             None,
         ),
         ("GET", "/schema/{path:str}"): lambda: ("/schema/openapi.json", None),
+        ("PUT", "/admin/routes/{name:str}"): lambda: ("/admin/routes/walked", route),
+        ("GET", "/admin/routes/{name:str}"): lambda: (_admin_put(server, "/admin/routes/looked-at", route), None),
+        ("DELETE", "/admin/routes/{name:str}"): lambda: (_admin_put(server, f"/admin/routes/doomed-{uuid.uuid4().hex[:8]}", route), None),
+        ("POST", "/admin/routes/explain"): lambda: (path, {"model": MODEL_NAME, "prompt": "hi"}),
+        ("PUT", "/admin/router/calibration"): lambda: (path, golden),
+        ("PUT", "/admin/upstreams/{name:str}"): lambda: ("/admin/upstreams/walked", upstream),
+        ("DELETE", "/admin/upstreams/{name:str}"): lambda: (
+            _admin_put(server, f"/admin/upstreams/doomed-{uuid.uuid4().hex[:8]}", upstream), None
+        ),
         # prompt_guard has no rules on this server, so turning it off and on changes nothing.
         ("POST", "/admin/plugins/{name:str}/enable"): lambda: ("/admin/plugins/prompt_guard/enable", None),
         ("POST", "/admin/plugins/{name:str}/disable"): lambda: ("/admin/plugins/prompt_guard/disable", None),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from litestar import Litestar, Router
@@ -22,7 +22,9 @@ from appliance.api import (
     models_routes,
     openai_routes,
     plugins_routes,
+    routing_routes,
     teams_routes,
+    upstreams_routes,
 )
 from appliance.api.audit_middleware import AuditMiddleware
 from appliance.api.context import assign_request_id
@@ -32,6 +34,7 @@ from appliance.api.openapi import ExactJsonRenderPlugin
 from appliance.api.options import allow_handlers
 from appliance.api.security import ANY_ROLE, KeyAuthMiddleware, UngovernedMiddleware, role_guard, trusted_local_uids
 from appliance.api.services import Services
+from appliance.api.strict_bodies import strict_body
 from appliance.audit import AuditLog
 from appliance.auth import KeyService, load_or_create_server_secret
 from appliance.auth.failures import FailedAuthCounter
@@ -43,9 +46,21 @@ from appliance.metering import BudgetService, CostModel, RateLimiter
 from appliance.model_registry import ModelRegistry
 from appliance.plugin_manager import PluginManager
 from appliance.plugin_wiring import connect_plugins, plugin_app_info
+from appliance.routing.breakers import BreakerPolicy, Breakers
+from appliance.routing.calibration import CalibrationService
+from appliance.routing.catalog import Catalog
+from appliance.routing.dispatch import Dispatcher
+from appliance.routing.prober import CanaryProber
+from appliance.routing.router import Router as RequestRouter
+from appliance.routing.routes import RouteStore
+from appliance.routing.scoring import calibration_path, difficulty_scorer
+from appliance.routing.secrets import SecretBox
+from appliance.routing.upstream_registry import UpstreamRegistry
+from appliance.routing.upstreams import UpstreamEngines, upstream_client
 from appliance.store import Store
 from appliance.teams import TeamService
 from appliance.work import WorkPool
+from runtime.engine import Engine
 from runtime.gpu import read_power_watts
 
 log = logging.getLogger(__name__)
@@ -57,6 +72,8 @@ ROUTES = [
     *audit_routes.ROUTES,
     *models_routes.ROUTES,
     *plugins_routes.ROUTES,
+    *routing_routes.ROUTES,
+    *upstreams_routes.ROUTES,
 ]
 
 
@@ -75,15 +92,34 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
     plugins = PluginManager(settings.plugins, only=settings.plugin_filter).load()
     governance = Governance(settings, store, audit, costs, budgets, RateLimiter(), enabled=governed, work=work)
     connect_plugins(plugins, store, audit, governance)
+    models = ModelRegistry(store, paths.models, audit)
+    inference = InferenceService(pool, default_max_tokens=settings.runtime.default_max_tokens, work=work)
+    routing = settings.routing
+    upstreams = UpstreamRegistry(store, audit, SecretBox(paths.upstream_secret_key))
+    remote = UpstreamEngines(upstreams, upstream_client(), prices=costs)
+    catalog = Catalog(pool, models, remote=remote.get, remote_names=remote.names)
+    breakers = Breakers(BreakerPolicy(routing.breaker_failures, routing.breaker_window_seconds, routing.breaker_cooldown_seconds))
+    routes = RouteStore(
+        store, audit, known=catalog.registered, taken=lambda name: models.find(name) is not None or pool.get(name) is not None
+    )
+    router = RequestRouter(
+        routes,
+        catalog,
+        estimate_cost=lambda model, prompt, completion, extra: costs.estimate(model, prompt, completion, extra_seconds=extra),
+        scorer=lambda: difficulty_scorer(settings),
+        default_max_tokens=settings.runtime.default_max_tokens,
+    )
+    prober = CanaryProber(breakers, catalog, interval_seconds=max(1.0, routing.breaker_cooldown_seconds / 2))
+    calibration = CalibrationService(store, audit, calibration_path(settings), on_change=router.reset_scorer)
     return Services(
         settings=settings,
         store=store,
         keys=KeyService(
             store, load_or_create_server_secret(paths.server_secret), audit, expiry_warning_days=auth.expiry_warning_days
         ),
-        models=ModelRegistry(store, paths.models, audit),
+        models=models,
         pool=pool,
-        inference=InferenceService(pool, default_max_tokens=settings.runtime.default_max_tokens, work=work),
+        inference=inference,
         teams=TeamService(store, audit),
         budgets=budgets,
         audit=audit,
@@ -92,12 +128,25 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
         trusted_proxies=TrustedProxies(settings.server.trusted_proxies),
         local_uids=trusted_local_uids(settings.server.admin_group),
         plugins=plugins,
+        catalog=catalog,
+        upstreams=upstreams,
+        remote=remote,
+        breakers=breakers,
+        router=router,
+        calibration=calibration,
+        prober=prober,
+        dispatcher=Dispatcher(
+            inference, governance, breakers, catalog.engine, first_token_timeout=routing.first_token_timeout_seconds
+        ),
     )
 
 
-def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: bool = True) -> Litestar:
+def create_app(
+    settings: Settings, *, pool: EnginePool | None = None, governed: bool = True, extra_engines: Iterable[Engine] = ()
+) -> Litestar:
     """The appliance's HTTP app. With `pool` given, its engines are served instead of
-    loading the registered models (benchmarks and fault-injection tests use this).
+    loading the registered models (benchmarks and fault-injection tests use this);
+    `extra_engines` are served beside the registered models (fault-injection tests).
 
     `governed=False` builds the same app with authentication, metering and audit switched
     off. It exists only so `bench/gateway.py` can measure what they cost; the CLI never
@@ -108,14 +157,16 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: 
         services = build_services(settings, pool, governed=governed)
         if pool is None:
             loaded = await load_local_engines(settings, services.models)
-            for engine in loaded.engines():
+            for engine in [*loaded.engines(), *extra_engines]:
                 services.pool.add(engine)
             services.pool.failures.update(loaded.failures)
         app.state.services = services
+        services.remote.refresh()  # upstream prices known before the first request
         await services.plugins.broadcast("startup", plugin_app_info(settings))
         background = [
             asyncio.create_task(services.audit.run_periodic_checkpoints()),
             asyncio.create_task(services.auth_failures.run()),
+            asyncio.create_task(services.prober.run()),
         ]
         log.info("serving models: %s", ", ".join(services.pool.names()) or "none")
         try:
@@ -124,6 +175,8 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: 
             for task in background:
                 task.cancel()
             await services.pool.close()
+            await services.remote.close()
+            await services.remote.client.aclose()
             await services.governance.drain()
             await services.plugins.broadcast("shutdown", plugin_app_info(settings))
             services.plugins.close()
@@ -150,6 +203,7 @@ def create_app(settings: Settings, *, pool: EnginePool | None = None, governed: 
         middleware=[DefineMiddleware(HostCheckMiddleware, hosts=allowed_hosts(settings)), AuditMiddleware, auth],
         guards=[role_guard],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        before_request=strict_body,
         before_send=[_add_request_id],
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=openapi,

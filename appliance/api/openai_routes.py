@@ -31,9 +31,13 @@ from appliance.api.services import ServicesDep
 from appliance.auth import Principal, Role
 from appliance.errors import ApplianceError, InvalidRequest
 from appliance.governance import RequestContext
-from appliance.guardrails import Gate, StreamJudge, gate_for, parse_tags
-from appliance.inference import GenerationInput, Prepared, generation_failure, usage_dict
+from appliance.guardrails import Gate, StreamJudge, gate_for, parse_tags, principal_view
+from appliance.hookspecs import Candidate
+from appliance.inference import GenerationInput, generation_failure, usage_dict
+from appliance.routing.breakers import Breaker
+from appliance.routing.router import Need, Plan
 from runtime.engine import Finished, GenerationEvent, SamplingParams, TokenEvent
+from runtime.errors import RuntimeFault
 
 INFERENCE = roles(Role.USER, Role.OPERATOR)
 GENERATION_ERRORS = errors(400, 404, 413, 503)
@@ -52,20 +56,18 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
-def _admit(services: ServicesDep, ctx: RequestContext, principal: Principal, prepared: list[Prepared]) -> dict[str, str]:
-    """Record the routing decision on the context and admit the request; returns headers."""
-    first = prepared[0]
-    ctx.model = first.model
-    ctx.models_tried = [first.model]
-    ctx.weights = first.engine.served_files
-    admission = services.governance.admit(
-        ctx,
-        principal,
-        first.model,
-        sum(p.prompt_tokens for p in prepared),
-        sum(p.request.max_tokens for p in prepared),
+def _headers(ctx: RequestContext) -> dict[str, str]:
+    """What served the request and why (the decision trail), and the rate-limit headers."""
+    headers = {"x-appliance-model": ctx.model or "", "x-appliance-route": ctx.route_trail or ctx.model or ""}
+    return headers | (ctx.admission.headers if ctx.admission is not None else {})
+
+
+def _need(request: Request[Principal, Any, Any], kind: str, texts: list[str], max_tokens: int | None, json_mode: bool) -> Need:
+    text = "\n".join(texts)
+    return Need(
+        kind=kind, json_mode=json_mode, tags=parse_tags(request.headers.get("x-appliance-tags")), text=text,
+        max_tokens=max_tokens, prompt_tokens_estimate=len(text) // 4,
     )
-    return {"x-appliance-model": first.model, "x-appliance-route": first.model} | admission.headers
 
 
 def _refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
@@ -140,7 +142,9 @@ async def create_chat_completion(
 ) -> Response[ChatCompletion]:
     ctx = request_context(request.scope)
     ctx.user = data.user or None
-    services.inference.resolve(request.user, data.model)  # an unknown model is a 404 before anything else
+    json_mode = data.response_format is not None and data.response_format.type != "text"
+    need = _need(request, "chat", [m.text() for m in data.messages], data.max_completion_tokens or data.max_tokens, json_mode)
+    plan = services.router.plan(request.user, data.model, need)  # an unknown model is a 404 before anything else
     spec = chat_input(data)
     ctx.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in spec.messages or [])
     gate = _gate(request, services, ctx, "chat", data.model, stream=bool(data.stream), messages=spec.messages,
@@ -148,24 +152,21 @@ async def create_chat_completion(
     if gate is not None:
         await gate.prepare(ctx)
         spec = gate.chat_input(spec)
-    prepared = await services.inference.prepare(request.user, spec)
-    headers = _admit(services, ctx, request.user, [prepared])
+    plan = await choose_route(services, plan, gate, request.user)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": prepared.model}
-        events, judge = await _guarded_stream(services, ctx, gate, prepared)
-        body = _sse_stream(services, ctx, events, base, _chat_choice, include_usage, opening=_chat_opening, judge=judge)
-        return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)  # type: ignore[return-value]
-    text, finished = await services.inference.run(prepared)
-    ctx.finished = finished
-    if gate is not None:
-        text = await gate.check(ctx, text, streaming=False, finish_reason=_finish(finished))
+        events, judge, breaker = await _guarded_stream(services, ctx, request.user, gate, spec, plan)
+        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": ctx.model}
+        body = _sse_stream(services, ctx, events, base, _chat_choice, include_usage, opening=_chat_opening, judge=judge,
+                           breaker=breaker)
+        return Stream(body, media_type="text/event-stream", headers=_headers(ctx) | _SSE_HEADERS)  # type: ignore[return-value]
+    text, finished = await answer(services, ctx, request.user, gate, spec, plan, streaming=False)
     payload = {
         "id": ident,
         "object": "chat.completion",
         "created": created,
-        "model": prepared.model,
+        "model": ctx.model,
         "choices": [
             {
                 "index": 0,
@@ -176,7 +177,7 @@ async def create_chat_completion(
         ],
         "usage": usage_dict(finished),
     }
-    return Response(_encode(payload), media_type="application/json", headers=headers)  # type: ignore[arg-type]
+    return Response(_encode(payload), media_type="application/json", headers=_headers(ctx))  # type: ignore[arg-type]
 
 
 @post(
@@ -192,8 +193,8 @@ async def create_completion(
 ) -> Response[Completion]:
     ctx = request_context(request.scope)
     ctx.user = data.user or None
-    services.inference.resolve(request.user, data.model)
     prompts = [data.prompt] if isinstance(data.prompt, str) else list(data.prompt)
+    plan = services.router.plan(request.user, data.model, _need(request, "completion", prompts, data.max_tokens, False))
     if data.stream and len(prompts) > 1:
         raise InvalidRequest("stream supports a single prompt", param="prompt")
     specs = [completion_input(data, p) for p in prompts]
@@ -203,33 +204,31 @@ async def create_completion(
     if gate is not None:
         await gate.prepare(ctx)
         specs = [replace(spec, prompt=p) for spec, p in zip(specs, gate.view.prompt or prompts, strict=True)]
-    prepared_all = [await services.inference.prepare(request.user, spec) for spec in specs]
-    headers = _admit(services, ctx, request.user, prepared_all)
+    plan = await choose_route(services, plan, gate, request.user)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        base = {"id": ident, "object": "text_completion", "created": created, "model": data.model}
-        events, judge = await _guarded_stream(services, ctx, gate, prepared_all[0])
-        body = _sse_stream(services, ctx, events, base, _completion_choice, include_usage, judge=judge)
-        return Stream(body, media_type="text/event-stream", headers=headers | _SSE_HEADERS)  # type: ignore[return-value]
+        events, judge, breaker = await _guarded_stream(services, ctx, request.user, gate, specs[0], plan)
+        base = {"id": ident, "object": "text_completion", "created": created, "model": ctx.model}
+        body = _sse_stream(services, ctx, events, base, _completion_choice, include_usage, judge=judge, breaker=breaker)
+        return Stream(body, media_type="text/event-stream", headers=_headers(ctx) | _SSE_HEADERS)  # type: ignore[return-value]
+    if len(specs) > 1:
+        await _admit_all(services, ctx, request.user, specs, plan)
     choices, results = [], []
-    for index, prepared in enumerate(prepared_all):
-        text, finished = await services.inference.run(prepared)
+    for index, spec in enumerate(specs):
+        text, finished = await answer(services, ctx, request.user, gate, spec, plan, streaming=False)
         results.append(finished)
-        ctx.finished = _combined(results)
-        if gate is not None:
-            text = await gate.check(ctx, text, streaming=False, finish_reason=_finish(finished))
         choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": _finish(finished)})
-    assert ctx.finished is not None
+    ctx.finished = _combined(results)
     payload = {
         "id": ident,
         "object": "text_completion",
         "created": created,
-        "model": data.model,
+        "model": ctx.model,
         "choices": choices,
         "usage": usage_dict(ctx.finished),
     }
-    return Response(_encode(payload), media_type="application/json", headers=headers)  # type: ignore[arg-type]
+    return Response(_encode(payload), media_type="application/json", headers=_headers(ctx))  # type: ignore[arg-type]
 
 
 @post("/v1/embeddings", opt=INFERENCE, name="embeddings:create", status_code=200, responses=GENERATION_ERRORS)
@@ -238,20 +237,15 @@ async def create_embeddings(
 ) -> Response[EmbeddingList]:
     ctx = request_context(request.scope)
     ctx.user = data.user or None
-    services.inference.resolve(request.user, data.model)
     texts = [data.input] if isinstance(data.input, str) else list(data.input)
+    plan = services.router.plan(request.user, data.model, _need(request, "embeddings", texts, None, False))
     ctx.prompt_text = "\n".join(texts)
     if services.plugins.active("prepare_request"):
         gate = _gate(request, services, ctx, "embeddings", data.model, prompt=texts)
         if gate is not None:
             await gate.prepare(ctx)
             texts = gate.view.prompt or texts
-    engine, prompt_tokens = await services.inference.prepare_embeddings(request.user, data.model, texts)
-    ctx.model, ctx.models_tried, ctx.weights = data.model, [data.model], engine.served_files
-    admission = services.governance.admit(ctx, request.user, data.model, prompt_tokens, 0)
-    started = time.perf_counter()
-    result = await engine.embed(texts)
-    ctx.finished = Finished("stop", result.prompt_tokens, 0, compute_seconds=time.perf_counter() - started)
+    result = await services.dispatcher.embed(ctx, request.user, texts, plan)
     items = [
         {"object": "embedding", "index": i, "embedding": _vector(v, data.encoding_format)}
         for i, v in enumerate(result.vectors)
@@ -259,27 +253,32 @@ async def create_embeddings(
     payload = {
         "object": "list",
         "data": items,
-        "model": data.model,
+        "model": ctx.model,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
-    headers = {"x-appliance-model": data.model, "x-appliance-route": data.model} | admission.headers
-    return Response(_encode(payload), media_type="application/json", headers=headers)  # type: ignore[arg-type]
+    return Response(_encode(payload), media_type="application/json", headers=_headers(ctx))  # type: ignore[arg-type]
 
 
 @get("/v1/models", opt=ANY_ROLE, name="models:list", responses=errors())
 async def list_models(request: Request[Principal, Any, Any], services: ServicesDep) -> ModelList:
+    """The models and the routes this key may use (a route's `owned_by` is "route")."""
     created = {m.name: int(m.added_at) for m in services.models.list()}
-    return ModelList(
-        object="list",
-        data=[
-            Model(id=name, object="model", created=created.get(name, 0), owned_by="appliance")
-            for name in services.inference.visible_models(request.user)
-        ],
-    )
+    models = [
+        Model(id=name, object="model", created=created.get(name, 0), owned_by="appliance")
+        for name in services.inference.visible_models(request.user)
+    ]
+    routes = [
+        Model(id=r.name, object="model", created=int(r.created_at), owned_by="route")
+        for r in services.router.visible_routes(request.user)
+    ]
+    return ModelList(object="list", data=models + routes)
 
 
 @get("/v1/models/{model_id:str}", opt=ANY_ROLE, name="models:get", responses=errors(404))
 async def get_model(request: Request[Principal, Any, Any], model_id: FromPath[str], services: ServicesDep) -> Model:
+    route = services.router.routes.find(model_id)
+    if route is not None and request.user.may_use(route.name):
+        return Model(id=route.name, object="model", created=int(route.created_at), owned_by="route")
     services.inference.resolve(request.user, model_id)
     record = services.models.find(model_id)
     return Model(id=model_id, object="model", created=int(record.added_at) if record else 0, owned_by="appliance")
@@ -303,20 +302,81 @@ def _gate(
     )
 
 
+async def choose_route(services: ServicesDep, plan: Plan, gate: Gate | None, principal: Principal) -> Plan:
+    """Let the `choose_route` plugins reorder a route's candidates (or name another route the
+    key may use). Plain model names are left alone: the client asked for that model."""
+    if plan.route is None or not services.plugins.active("choose_route"):
+        return plan
+    if gate is None:  # cannot happen while a choose_route plugin is active (gate_for)
+        return plan
+    view = gate.view
+    candidates = [
+        Candidate(c.name, cost_per_1k_tokens=0.0, loaded=services.catalog.resident(c.name),
+                  capabilities=services.catalog.capabilities(c.name))
+        for c in plan.candidates
+    ]
+    chosen = await services.plugins.choose(view, principal_view(principal), candidates)
+    if chosen is None or not chosen[1]:
+        return plan
+    return services.router.reorder(plan, chosen[1], principal, by=chosen[0])
+
+
 async def _guarded_stream(
-    services: ServicesDep, ctx: RequestContext, gate: Gate | None, prepared: Prepared
-) -> tuple[AsyncIterator[GenerationEvent], StreamJudge | None]:
-    """The events to stream, and the guardrails reading along. Blocking guardrails hold the
-    whole answer back: it is generated and judged before the response starts, so a rejection
-    is still a plain 400 (and the routing layer may still fall back)."""
+    services: ServicesDep, ctx: RequestContext, principal: Principal, gate: Gate | None, spec: GenerationInput, plan: Plan
+) -> tuple[AsyncIterator[GenerationEvent], StreamJudge | None, Breaker | None]:
+    """The events to stream, the guardrails reading along, and the serving candidate's
+    breaker. Blocking guardrails hold the whole answer back: it is generated and judged
+    before the response starts, so a rejection is still a plain 400, and a fallback verdict
+    can still move it to the next candidate."""
     held, along = gate.streaming_plan(ctx) if gate is not None else ([], [])
     if gate is None or not held:
-        stream = await services.inference.open_stream(prepared)
-        return stream, StreamJudge(gate, along) if gate is not None and along else None
-    text, finished = await services.inference.run(prepared)
-    ctx.finished = finished
-    text = await gate.check(ctx, text, streaming=True, finish_reason=_finish(finished), only=held)
-    return _replay(text, finished), None
+        opened = await services.dispatcher.open(ctx, principal, spec, plan)
+        return opened.events, StreamJudge(gate, along) if gate is not None and along else None, opened.breaker
+    text, finished = await answer(services, ctx, principal, gate, spec, plan, streaming=True, only=held)
+    return _replay(text, finished), None, None
+
+
+async def answer(
+    services: ServicesDep, ctx: RequestContext, principal: Principal, gate: Gate | None, spec: GenerationInput,
+    plan: Plan, *, streaming: bool, only: list[str] | None = None,
+) -> tuple[str, Finished]:
+    """A whole answer nobody has seen yet, judged by the guardrails: a "fallback" verdict
+    moves it to the next candidate, a "retry" asks the same one again once, with the
+    guardrail's feedback. Every generation made is billed (its compute was spent)."""
+    dispatcher = services.dispatcher
+    opened, text, finished = await dispatcher.complete(ctx, principal, spec, plan)
+    made = [finished]
+    retried = False
+    while gate is not None:
+        ctx.finished = made[0] if len(made) == 1 else _combined(made)  # billed even if a guardrail refuses it
+        text, verdict = await gate.judge(ctx, text, streaming=streaming, finish_reason=_finish(finished), only=only)
+        if verdict is None:
+            break
+        if verdict.action == "retry" and not retried and verdict.feedback:
+            retried = True
+            spec = dispatcher.with_feedback(spec, text, verdict.feedback)
+            opened, text, finished = await dispatcher.complete(
+                ctx, principal, spec, plan, start=opened.index, note=f"retry:{verdict.rule}"
+            )
+        elif verdict.action == "fallback" and opened.index + 1 < len(plan.candidates):
+            opened, text, finished = await dispatcher.complete(
+                ctx, principal, spec, plan, start=opened.index + 1, note=f"fallback:guardrail({verdict.rule})"
+            )
+        else:
+            raise gate.refuse(ctx, verdict)
+        made.append(finished)
+    ctx.finished = made[0] if len(made) == 1 else _combined(made)
+    return text, finished
+
+
+async def _admit_all(services: ServicesDep, ctx: RequestContext, principal: Principal, specs: list[GenerationInput], plan: Plan) -> None:
+    """Several prompts in one request are admitted together, counted on the first candidate."""
+    engine = await services.catalog.engine(plan.names[0])
+    prepared = [await services.inference.prepare_on(engine, plan.names[0], spec) for spec in specs]
+    services.governance.admit(
+        ctx, principal, plan.names[0], sum(p.prompt_tokens for p in prepared), sum(p.request.max_tokens for p in prepared),
+        models=plan.names,
+    )
 
 
 async def _replay(text: str, finished: Finished) -> AsyncIterator[GenerationEvent]:
@@ -370,37 +430,64 @@ async def _sse_stream(
     *,
     opening: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     judge: StreamJudge | None = None,
+    breaker: Breaker | None = None,
 ) -> AsyncIterator[bytes]:
     """Server-sent events; the usage and audit records are committed before `[DONE]`. With a
-    `judge`, a guardrail reading along may end the stream with an error event."""
+    `judge`, a guardrail reading along may end the stream with an error event. The serving
+    candidate's `breaker` hears how the generation ended."""
     extra = {"usage": None} if include_usage else {}
+    outcome: str | None = None
+    ended = False  # by an error event: no `[DONE]` follows, so no client takes it for a whole answer
     try:
         if opening is not None:
             yield _sse(opening(base) | extra)
-        async for event in stream:
+        async for event in _failures_as_events(stream, ctx):
             if isinstance(event, TokenEvent):
                 if event.text:
                     if judge is not None and await _judged(judge, ctx, event.text):
                         yield _stream_error(ctx, judge.failure)
+                        ended = True
                         break
                     ctx.streamed_tokens += 1
                     yield _sse(choice(base, event.text, None) | extra)
                 continue
             ctx.finished = event
+            outcome = "failure" if event.reason == "error" else "success" if event.reason != "cancelled" else None
             if event.reason in ("error", "cancelled"):  # the stream already began: say so in-band, as OpenAI does
                 yield _stream_error(ctx, from_runtime(generation_failure(event)))
+                ended = True
             elif judge is not None and await _judged(judge, ctx, None, finish_reason=_finish(event)):
                 yield _stream_error(ctx, judge.failure)
+                ended = True
             else:
                 yield _sse(choice(base, "", _finish(event)) | extra)
             if include_usage:
                 yield _sse(base | {"choices": [], "usage": usage_dict(event)})
         await services.governance.complete(ctx, 200)
-        yield _DONE
+        if not ended:
+            yield _DONE
     finally:
         if judge is not None:
             judge.cancel()
+        if breaker is not None:
+            if outcome == "success":
+                breaker.success()
+            elif outcome == "failure":
+                breaker.failure(str(ctx.finished.error if ctx.finished else "failed mid-stream"))
+            else:
+                breaker.release()
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _failures_as_events(stream: AsyncIterator[GenerationEvent], ctx: RequestContext) -> AsyncIterator[GenerationEvent]:
+    """An engine that raises mid-stream (an upstream cut off, say) instead of finishing with
+    an error: the same, as the `Finished` event it stands for."""
+    try:
+        async for event in stream:
+            yield event
+    except RuntimeFault as exc:
+        prompt_tokens = ctx.admission.prompt_tokens if ctx.admission is not None else 0
+        yield Finished("error", prompt_tokens, ctx.streamed_tokens, error=exc)
 
 
 async def _judged(judge: StreamJudge, ctx: RequestContext, text: str | None, *, finish_reason: str | None = None) -> bool:

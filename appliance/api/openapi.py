@@ -20,9 +20,12 @@ import msgspec
 from litestar import Request
 from litestar.openapi.plugins import JsonRenderPlugin
 
-from appliance.api import responses, schemas
+from appliance.api import responses, routing_routes, schemas, upstreams_routes
+from appliance.routing import routes
 
 _TEXT = {"schema": {"type": "string"}}
+# Every module whose msgspec Structs are request or response bodies.
+BODY_MODULES: list[ModuleType] = [schemas, responses, routing_routes, upstreams_routes, routes]
 _STREAMING = ("/v1/chat/completions", "/v1/completions")
 _EXPORT = "/admin/audit/export"
 
@@ -40,7 +43,7 @@ def exact(document: dict[str, Any]) -> dict[str, Any]:
     """`document` (litestar's) with msgspec's body schemas and the other media types."""
     out = copy.deepcopy(document)
     _, components = msgspec.json.schema_components(
-        _structs(schemas, responses), ref_template="#/components/schemas/{name}"
+        _structs(*BODY_MODULES), ref_template="#/components/schemas/{name}"
     )
     out.setdefault("components", {}).setdefault("schemas", {}).update(components)
     for path in _STREAMING:

@@ -17,6 +17,14 @@ from appliance.inference import InferenceService
 from appliance.metering import BudgetService
 from appliance.model_registry import ModelRegistry
 from appliance.plugin_manager import PluginManager
+from appliance.routing.breakers import Breakers
+from appliance.routing.calibration import CalibrationService
+from appliance.routing.catalog import Catalog
+from appliance.routing.dispatch import Dispatcher
+from appliance.routing.prober import CanaryProber
+from appliance.routing.router import Router
+from appliance.routing.upstream_registry import UpstreamRegistry
+from appliance.routing.upstreams import UpstreamEngines
 from appliance.store import Store
 from appliance.teams import TeamService
 
@@ -37,6 +45,14 @@ class Services:
     trusted_proxies: TrustedProxies
     local_uids: frozenset[int]  # who may use the local admin socket
     plugins: PluginManager
+    catalog: Catalog
+    upstreams: UpstreamRegistry
+    remote: UpstreamEngines
+    breakers: Breakers
+    router: Router
+    calibration: CalibrationService
+    prober: CanaryProber
+    dispatcher: Dispatcher
 
 
 ServicesDep = NamedDependency[Services]  # how handlers ask for the services

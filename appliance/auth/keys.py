@@ -165,6 +165,18 @@ class KeyService:
             prompt_retention=record.prompt_retention or row["team_retention"],
         )
 
+    def principal_of(self, key_id: str) -> Principal:
+        """The principal a key's requests act as (for explaining a routing decision as that key)."""
+        row = self._store.query_one(_SELECT_WITH_TEAM, (key_id,))
+        if row is None:
+            raise NotFound(f"No key {key_id!r}.")
+        record = self._record(row)
+        models = frozenset(record.allowed_models) if record.allowed_models is not None else None
+        return Principal(
+            key_id=record.id, name=record.name, role=record.role, team_id=record.team_id, allowed_models=models,
+            rpm=record.rpm, tpm=record.tpm, prompt_retention=record.prompt_retention or row["team_retention"],
+        )
+
     # -- management ---------------------------------------------------------------------------
     def create(
         self,

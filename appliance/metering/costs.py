@@ -91,6 +91,24 @@ class CostModel:
             return 0.0
         return prompt_tokens / 1000.0 * price.input_per_1k + completion_tokens / 1000.0 * price.output_per_1k
 
+    def set_price(self, model: str, input_per_1k: float, output_per_1k: float) -> None:
+        """Price an upstream model per token (the upstream registry keeps these in step)."""
+        with self._lock:
+            self._prices[model] = UpstreamPrice(model=model, input_per_1k=input_per_1k, output_per_1k=output_per_1k)
+
+    def forget_price(self, model: str) -> None:
+        with self._lock:
+            self._prices.pop(model, None)
+
+    def estimate(self, model: str, prompt_tokens: int, completion_tokens: int, *, extra_seconds: float = 0.0) -> float:
+        """The expected cost of a request, for choosing between candidates (not a bound):
+        remote at its prices, local at its recent rate, plus `extra_seconds` of compute (the
+        time to load a model that is not resident)."""
+        if self.is_remote(model):
+            return self.remote(model, prompt_tokens, completion_tokens)
+        seconds = (max(0, prompt_tokens) + max(0, completion_tokens)) * self.seconds_per_token(model) + extra_seconds
+        return self.local(seconds * self.watts(), seconds)
+
     def is_remote(self, model: str) -> bool:
         """A model with an `[[upstream_prices]]` entry is priced per token; any other is local."""
         return model in self._prices

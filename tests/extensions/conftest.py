@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,9 @@ import httpx
 import pytest
 
 from tests.conftest import Server, init_data_dir, run_cli, start_server, stop_server
+from tests.http_helpers import admin, audit_records, request_record, sse_events
+
+__all__ = ["StartFn", "admin", "audit_records", "chat", "plugin_state", "request_record", "sse_events"]
 
 SAMPLE = Path(__file__).parent / "sample_plugin"
 
@@ -74,39 +76,8 @@ def chat(server: Server, content: str, *, key: str | None = None, stream: bool =
     return httpx.post(server.base_url + "/chat/completions", json=body, headers=headers, timeout=120)
 
 
-def admin(server: Server, method: str, path: str, **kwargs: object) -> httpx.Response:
-    return httpx.request(method, server.url + path, headers={"Authorization": f"Bearer {server.admin_key}"},
-                         timeout=60, **kwargs)  # type: ignore[arg-type]
-
-
 def plugin_state(server: Server, name: str) -> dict[str, object]:
     listing = admin(server, "GET", "/admin/plugins").json()
     return next(p for p in listing["data"] if p["name"] == name)
 
 
-def audit_records(server: Server, kind: str | None = None) -> list[dict[str, object]]:
-    params = {"limit": 1000} | ({"kind": kind} if kind else {})
-    response = admin(server, "GET", "/admin/audit", params=params)
-    assert response.status_code == 200, response.text
-    return response.json()["data"]
-
-
-def request_record(server: Server, request_id: str, timeout: float = 10) -> dict[str, object]:
-    """The request's audit record (written just after the response ends)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for record in audit_records(server, "request"):
-            if record["body"].get("request_id") == request_id:
-                return record
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no audit record for {request_id}")
-        time.sleep(0.1)
-
-
-def sse_events(response: httpx.Response) -> list[object]:
-    events = []
-    for line in response.text.splitlines():
-        if line.startswith("data: "):
-            data = line[6:]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events

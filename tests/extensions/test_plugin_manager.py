@@ -162,7 +162,7 @@ def test_wrong_return_types_fail_the_plugin() -> None:
 
     manager, events = _manager([Point("a_odd", Odd()), Point("b_pick", Picker())])
     candidates = [Candidate("m1"), Candidate("m2")]
-    assert asyncio.run(manager.choose(_request(), PRINCIPAL, candidates)) == ["m2", "m1"]
+    assert asyncio.run(manager.choose(_request(), PRINCIPAL, candidates)) == ("b_pick", ["m2", "m1"])
     assert manager.plugins["a_odd"].status == "failed" and "not a list" in (manager.plugins["a_odd"].last_error or "")
     with pytest.raises(GuardrailUnavailable):  # failed, and check_response fails closed
         asyncio.run(manager.check(_request(), ResponseView("x", True, False, "m")))
