@@ -45,6 +45,14 @@ port = 8080
 # draft_tokens = 3     # guessed tokens a decode step may carry per sequence, kept only if sampled anyway; 0 = off
 # default_max_tokens = 512  # completion cap when a request gives none (also what budgets reserve)
 # cpu_variant = "auto" # llama.cpp CPU kernels; a variant name forces it ("sapphirerapids" runs AMX)
+# memory_budget_mb = 0        # RAM the loaded models may take; 0 = 80% of MemTotal
+# idle_unload_seconds = 1800  # unload an unpinned model unused this long; 0 = never
+
+# [routing]
+# first_token_timeout_seconds = 30  # a candidate without a first token by then is given up for the next
+# breaker_failures = 5              # failures within the window that open a candidate's breaker
+# breaker_window_seconds = 60
+# breaker_cooldown_seconds = 30     # then one probe (a request, or a free canary for local models)
 
 # [[models]]
 # name = "smollm2-135m-instruct"
@@ -61,6 +69,10 @@ port = 8080
 # [[plugins.prompt_guard.block]]
 # name = "no-credentials"
 # regex = '(?i)\\bpassword\\s*[:=]'
+# [[plugins.keyword_router.rules]]
+# name = "code"
+# regex = '(?i)\\b(def|class|select|traceback)\\b'
+# to = ["coder"]                    # routes or candidates, best first
 """
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from appliance.auth import Principal
 from appliance.engine_pool import EnginePool
-from appliance.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from appliance.errors import ContextLengthExceeded, InvalidRequest
 from appliance.work import INLINE_CHARS, WorkPool
 from runtime.engine import (
     Engine,
@@ -55,16 +54,6 @@ class InferenceService:
         self.pool = pool
         self.default_max_tokens = default_max_tokens
         self._work = work or WorkPool(2)
-
-    def resolve(self, principal: Principal, model: str) -> Engine:
-        """The engine for `model`, or `ModelNotFound` when it is unknown or not allowed to the key."""
-        engine = self.pool.get(model)
-        if engine is None or not principal.may_use(model):
-            raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model")
-        return engine
-
-    def visible_models(self, principal: Principal) -> list[str]:
-        return [name for name in self.pool.names() if principal.may_use(name)]
 
     async def prepare_on(self, engine: Engine, name: str, spec: GenerationInput) -> Prepared:
         """Render, count and size the request for `engine` (a routing candidate, `name`)."""

@@ -47,3 +47,7 @@ def configure_logging(level: str = "info", *, json_lines: bool | None = None) ->
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # httpx logs every upstream request at INFO: a line per request, and its cost, for nothing
+    # the audit record does not already hold. Its warnings and errors still come through.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

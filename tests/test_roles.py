@@ -50,6 +50,10 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/admin/audit/checkpoint"): {"admin", "auditor"},
     ("POST", "/admin/audit/erase"): {"admin"},
     ("GET", "/admin/models"): {"admin", "operator"},
+    ("POST", "/admin/models/{name:str}/load"): {"admin", "operator"},
+    ("POST", "/admin/models/{name:str}/unload"): {"admin", "operator"},
+    ("POST", "/admin/models/{name:str}/pin"): {"admin", "operator"},
+    ("POST", "/admin/models/{name:str}/unpin"): {"admin", "operator"},
     ("GET", "/admin/routes"): {"admin", "operator"},
     ("GET", "/admin/routes/{name:str}"): {"admin", "operator"},
     ("PUT", "/admin/routes/{name:str}"): {"admin", "operator"},
@@ -118,6 +122,24 @@ def _budget_team(server: Server) -> str:
     return "role-walk"
 
 
+SPARE = "role-walk-spare"
+
+
+def _spare(server: Server) -> str:
+    """A model registered (not loaded) for the walk; removed again by `spare_model`."""
+    r = httpx.get(server.url + "/admin/models", headers={"Authorization": f"Bearer {server.admin_key}"})
+    if not any(m["name"] == SPARE for m in r.json()["data"]):
+        [default] = [m for m in r.json()["data"] if m["name"] == MODEL_NAME]
+        run_cli("models", "add", default["path"], "--name", SPARE, data_dir=server.data_dir)
+    return SPARE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def spare_model(server: Server) -> Iterator[None]:
+    yield
+    run_cli("models", "remove", SPARE, data_dir=server.data_dir, check=False)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def routing_left_as_found(server: Server) -> Iterator[None]:
     """The walk's routes, upstreams and calibration would show in other tests' `/v1/models`."""
@@ -166,6 +188,11 @@ def _request_for(server: Server, method: str, path: str) -> tuple[str, str, dict
             None,
         ),
         ("GET", "/schema/{path:str}"): lambda: ("/schema/openapi.json", None),
+        # Loading the loaded default model is a no-op; the spare is registered, never loaded.
+        ("POST", "/admin/models/{name:str}/load"): lambda: (f"/admin/models/{MODEL_NAME}/load", None),
+        ("POST", "/admin/models/{name:str}/unload"): lambda: (f"/admin/models/{_spare(server)}/unload", None),
+        ("POST", "/admin/models/{name:str}/pin"): lambda: (f"/admin/models/{_spare(server)}/pin", None),
+        ("POST", "/admin/models/{name:str}/unpin"): lambda: (f"/admin/models/{_spare(server)}/unpin", None),
         ("PUT", "/admin/routes/{name:str}"): lambda: ("/admin/routes/walked", route),
         ("GET", "/admin/routes/{name:str}"): lambda: (_admin_put(server, "/admin/routes/looked-at", route), None),
         ("DELETE", "/admin/routes/{name:str}"): lambda: (_admin_put(server, f"/admin/routes/doomed-{uuid.uuid4().hex[:8]}", route), None),

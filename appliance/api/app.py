@@ -39,10 +39,12 @@ from appliance.audit import AuditLog
 from appliance.auth import KeyService, load_or_create_server_secret
 from appliance.auth.failures import FailedAuthCounter
 from appliance.config import Settings
-from appliance.engine_pool import EnginePool, load_local_engines
+from appliance.engine_pool import EnginePool
 from appliance.governance import Governance
 from appliance.inference import InferenceService
 from appliance.metering import BudgetService, CostModel, RateLimiter
+from appliance.model_pins import Pins
+from appliance.model_pool import ModelPool
 from appliance.model_registry import ModelRegistry
 from appliance.plugin_manager import PluginManager
 from appliance.plugin_wiring import connect_plugins, plugin_app_info
@@ -82,8 +84,12 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
     paths = settings.paths
     paths.ensure()
     store = Store(paths.database, backups_dir=paths.backups).open()
-    pool = pool if pool is not None else EnginePool()
     audit = AuditLog.from_settings(store, settings)
+    models = ModelRegistry(store, paths.models, audit)
+    # Given `pool`: its engines are served as they are; else the registered models, on demand.
+    pool = ModelPool(
+        settings, models, Pins(store, audit), audit, engines=pool.engines() if pool else (), on_demand=pool is None
+    )
     budgets = BudgetService(store, audit, currency=settings.costs.currency)
     budgets.load()
     costs = CostModel(settings.costs, settings.upstream_prices, power_watts_source=read_power_watts)
@@ -92,15 +98,17 @@ def build_services(settings: Settings, pool: EnginePool | None = None, *, govern
     plugins = PluginManager(settings.plugins, only=settings.plugin_filter).load()
     governance = Governance(settings, store, audit, costs, budgets, RateLimiter(), enabled=governed, work=work)
     connect_plugins(plugins, store, audit, governance)
-    models = ModelRegistry(store, paths.models, audit)
     inference = InferenceService(pool, default_max_tokens=settings.runtime.default_max_tokens, work=work)
     routing = settings.routing
     upstreams = UpstreamRegistry(store, audit, SecretBox(paths.upstream_secret_key))
     remote = UpstreamEngines(upstreams, upstream_client(), prices=costs)
-    catalog = Catalog(pool, models, remote=remote.get, remote_names=remote.names)
+    catalog = Catalog(
+        pool, models, remote=remote.get, remote_names=remote.names, load=pool.acquire if pool.on_demand else None,
+        loadable=pool.loadable,
+    )
     breakers = Breakers(BreakerPolicy(routing.breaker_failures, routing.breaker_window_seconds, routing.breaker_cooldown_seconds))
     routes = RouteStore(
-        store, audit, known=catalog.registered, taken=lambda name: models.find(name) is not None or pool.get(name) is not None
+        store, audit, known=catalog.registered, taken=lambda name: models.find(name) is not None or name in pool
     )
     router = RequestRouter(
         routes,
@@ -156,16 +164,16 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         services = build_services(settings, pool, governed=governed)
         if pool is None:
-            loaded = await load_local_engines(settings, services.models)
-            for engine in [*loaded.engines(), *extra_engines]:
+            await services.pool.start()
+            for engine in extra_engines:
                 services.pool.add(engine)
-            services.pool.failures.update(loaded.failures)
         app.state.services = services
         services.remote.refresh()  # upstream prices known before the first request
         await services.plugins.broadcast("startup", plugin_app_info(settings))
         background = [
             asyncio.create_task(services.audit.run_periodic_checkpoints()),
             asyncio.create_task(services.auth_failures.run()),
+            asyncio.create_task(services.pool.run_idle_unloads()),
             asyncio.create_task(services.prober.run()),
         ]
         log.info("serving models: %s", ", ".join(services.pool.names()) or "none")

@@ -29,7 +29,7 @@ from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, Embe
 from appliance.api.security import ANY_ROLE, roles
 from appliance.api.services import ServicesDep
 from appliance.auth import Principal, Role
-from appliance.errors import ApplianceError, InvalidRequest
+from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
 from appliance.governance import RequestContext
 from appliance.guardrails import Gate, StreamJudge, gate_for, parse_tags, principal_view
 from appliance.hookspecs import Candidate
@@ -265,7 +265,8 @@ async def list_models(request: Request[Principal, Any, Any], services: ServicesD
     created = {m.name: int(m.added_at) for m in services.models.list()}
     models = [
         Model(id=name, object="model", created=created.get(name, 0), owned_by="appliance")
-        for name in services.inference.visible_models(request.user)
+        for name in services.catalog.local_names()
+        if request.user.may_use(name)
     ]
     routes = [
         Model(id=r.name, object="model", created=int(r.created_at), owned_by="route")
@@ -279,7 +280,8 @@ async def get_model(request: Request[Principal, Any, Any], model_id: FromPath[st
     route = services.router.routes.find(model_id)
     if route is not None and request.user.may_use(route.name):
         return Model(id=route.name, object="model", created=int(route.created_at), owned_by="route")
-    services.inference.resolve(request.user, model_id)
+    if not request.user.may_use(model_id) or not services.catalog.known(model_id) or services.catalog.is_remote(model_id):
+        raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.", param="model")
     record = services.models.find(model_id)
     return Model(id=model_id, object="model", created=int(record.added_at) if record else 0, owned_by="appliance")
 

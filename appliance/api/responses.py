@@ -290,6 +290,17 @@ class EngineStatsOut(Out):
     extra: dict[str, Any]
 
 
+class BreakerOut(Out):
+    """A candidate's circuit breaker (appliance/routing/breakers.py)."""
+
+    state: str  # closed, open or half_open
+    recent_failures: int
+    last_error: str | None
+    times_opened: int
+    seconds_since_change: float
+    half_open_in_seconds: float
+
+
 class ModelStatus(Out):
     name: str
     path: str
@@ -303,15 +314,48 @@ class ModelStatus(Out):
     has_chat_template: bool
     added_at: float
     loaded: bool
+    loading: bool
+    pinned: bool  # never unloaded for idleness nor evicted
+    memory_bytes: int | None  # what it takes resident (not resident: what it took when last planned)
+    last_used: float | None  # when a request last got its engine (seconds since the epoch); None: not resident
+    idle_unload_seconds: float  # unloaded after this long unused, unless pinned; 0 = never
+    breaker: BreakerOut  # routes skip the model while it is open
     health: EngineHealthOut | UnsetType = UNSET
     stats: EngineStatsOut | UnsetType = UNSET
     error: str | UnsetType = UNSET
 
 
+class MemoryOut(Out):
+    """Bytes of one kind of memory: the pool's budget, what its models take, what is free."""
+
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+
+
+class BudgetOut(Out):
+    ram: MemoryOut
+    vram: MemoryOut  # all zero without a GPU
+    gpu: str | None  # the GPU models are placed on
+
+
 class ModelStatusList(Out):
     object: Literal["list"]
     data: list[ModelStatus]
+    budget: BudgetOut
     backend: dict[str, Any] | None
+
+
+class ModelChange(Out):
+    """The outcome of `POST /admin/models/{name}/load|unload|pin|unpin`."""
+
+    name: str
+    action: Literal["load", "unload", "pin", "unpin"]
+    loaded: bool
+    pinned: bool
+    memory_bytes: int | None
+    evicted: list[str]  # models unloaded to make room for this one
+    message: str
 
 
 # -- plugins (admin) ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from litestar.params import FromPath, JSONBody, Parameter
 from msgspec import Meta
 
 from appliance.api.context import change
-from appliance.api.responses import Out, errors
+from appliance.api.responses import BreakerOut, Out, errors
 from appliance.api.security import roles
 from appliance.api.services import Services, ServicesDep
 from appliance.auth import Principal, Role
@@ -22,15 +22,6 @@ from appliance.routing.routes import ROUTE_NAME_PATTERN, Route, RouteSpec
 
 OPERATE = roles(Role.OPERATOR)
 RouteName = Annotated[str, Parameter(pattern=ROUTE_NAME_PATTERN, max_length=64, description="a route's name")]
-
-
-class BreakerOut(Out):
-    state: str
-    recent_failures: int
-    last_error: str | None
-    times_opened: int
-    seconds_since_change: float
-    half_open_in_seconds: float
 
 
 class RouteInfo(Out):

@@ -11,10 +11,10 @@ from appliance.audit import AuditLog
 from appliance.auth import KeyService
 from appliance.auth.failures import FailedAuthCounter
 from appliance.config import Settings
-from appliance.engine_pool import EnginePool
 from appliance.governance import Governance
 from appliance.inference import InferenceService
 from appliance.metering import BudgetService
+from appliance.model_pool import ModelPool
 from appliance.model_registry import ModelRegistry
 from appliance.plugin_manager import PluginManager
 from appliance.routing.breakers import Breakers
@@ -35,7 +35,7 @@ class Services:
     store: Store
     keys: KeyService
     models: ModelRegistry
-    pool: EnginePool
+    pool: ModelPool
     inference: InferenceService
     teams: TeamService
     budgets: BudgetService

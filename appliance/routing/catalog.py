@@ -26,31 +26,34 @@ class Catalog:
         remote: Callable[[str], Engine | None] = lambda name: None,
         remote_names: Callable[[], list[str]] = list,
         load: Callable[[str], Awaitable[Engine]] | None = None,
+        loadable: Callable[[str], bool] | None = None,
     ) -> None:
         """`remote(name)`: the engine of an upstream model ("<upstream>/<model>"), or None;
-        `load(name)`: loads a registered local model that is not resident (the model pool)."""
+        `load(name)`: loads a registered local model that is not resident (the model pool);
+        `loadable(name)`: whether it may (registered, enabled, its last load did not fail)."""
         self.pool = pool
         self.models = models
         self._remote = remote
         self._remote_names = remote_names
         self._load = load
+        self._loadable = loadable or (lambda name: self.models.find(name) is not None)
 
     def known(self, name: str) -> bool:
         """Something that can serve now or on demand: a resident engine, an upstream model, or
         a registered model the pool can load."""
-        if self.pool.get(name) is not None or self.is_remote(name):
+        if name in self.pool or self.is_remote(name):
             return True
-        return self._load is not None and self.models.find(name) is not None
+        return self._load is not None and self._loadable(name)
 
     def registered(self, name: str) -> bool:
         """A name a route may name: a local model (registered or running) or an upstream model."""
-        return self.pool.get(name) is not None or self.models.find(name) is not None or self.is_remote(name)
+        return name in self.pool or self.models.find(name) is not None or self.is_remote(name)
 
     def is_remote(self, name: str) -> bool:
         return "/" in name and name in self._remote_names()
 
     def resident(self, name: str) -> bool:
-        return self.pool.get(name) is not None or self.is_remote(name)
+        return name in self.pool or self.is_remote(name)
 
     def load_seconds(self, name: str) -> float:
         record = self.models.find(name)
@@ -65,7 +68,12 @@ class Catalog:
         return ALL_CAPABILITIES if record.has_chat_template else ALL_CAPABILITIES - {"chat"}
 
     def local_names(self) -> list[str]:
-        return self.pool.names()
+        """The local models a request may name: those running, then those the pool can load
+        (a model unloaded for idleness is still offered, and `/v1/models` still lists it)."""
+        names = self.pool.names()
+        if self._load is not None:
+            names += [m.name for m in self.models.list() if m.name not in names and self._loadable(m.name)]
+        return names
 
     async def engine(self, name: str) -> Engine:
         """The engine that serves `name` now; raises `EngineUnavailable` when there is none."""

@@ -2,7 +2,8 @@
 
 Until the first token is sent, these move the request on to the next candidate, each noted
 in the trail (`; fallback:<why>>next`): an open breaker, an engine error, overload, a prompt
-too long for the candidate, no first token before the deadline, and for a whole answer
+too long for the candidate, a cold model the memory budget has no room for, no first token
+before the deadline, and for a whole answer
 nobody has seen yet (non-streaming, or held for a blocking guardrail) a failure mid-way or a
 guardrail's "fallback" verdict. After the first token of a stream is sent, a failure can
 only end the stream with an error event. Admission (rate limits, the budget reservation of
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from appliance.auth import Principal
-from appliance.errors import ContextLengthExceeded, ServiceUnavailable
+from appliance.errors import ContextLengthExceeded, ModelDoesNotFit, ServiceUnavailable
 from appliance.governance import Governance, RequestContext
 from appliance.inference import GenerationInput, InferenceService, Prepared, generation_failure
 from appliance.routing.breakers import Breaker, Breakers
@@ -117,6 +118,9 @@ class Dispatcher:
         except (ContextOverflow, ContextLengthExceeded) as exc:  # too long for this one; the next may take it
             breaker.release()
             return "context", exc
+        except ModelDoesNotFit as exc:  # a cold model the memory budget has no room for: not its fault
+            breaker.release()
+            return "no_room", exc
         except EngineOverloaded as exc:
             breaker.release()
             return "overloaded", exc
@@ -172,6 +176,9 @@ class Dispatcher:
             except ContextLengthExceeded as exc:
                 breaker.release()
                 reason, last = "context", exc
+            except ModelDoesNotFit as exc:
+                breaker.release()
+                reason, last = "no_room", exc
             except EngineOverloaded as exc:
                 breaker.release()
                 reason, last = "overloaded", exc

@@ -21,6 +21,7 @@ What it does on the wire:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ __all__ = ["PriceBook", "UpstreamEngine", "UpstreamEngines", "engines_for", "est
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_DRAIN_SECONDS, _DRAIN_EVENTS = 0.5, 16  # what is read after `[DONE]` at most
 _MAX_ERROR_BODY = 64 * 1024  # bytes of an error response read to find its message
 _MAX_MESSAGE = 500  # characters of an upstream's error message passed on
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})  # OpenAI's; llama-server's type
@@ -347,8 +349,10 @@ class UpstreamEngine:
 
     async def _pieces(self, response: httpx.Response, chat: bool) -> AsyncGenerator[Piece, None]:
         """The upstream's server-sent events as text, finish reasons, usage, an error or the end."""
-        async for event, data in _sse(response):
+        events = _sse(response)
+        async for event, data in events:
             if data.strip() == "[DONE]":
+                await _drain(events)
                 yield ("done", None)
                 return
             try:
@@ -625,6 +629,20 @@ async def _sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
             event = value
     if data:
         yield event or "message", "\n".join(data)
+
+
+async def _drain(events: AsyncIterator[tuple[str, str]]) -> None:
+    """Read the rest of a finished stream (its last chunk, usually nothing more), so that httpx
+    returns the connection to the pool instead of dropping it: otherwise every request opens a
+    new connection, and a new TLS handshake to an https upstream. Bounded: an upstream that
+    keeps talking after `[DONE]` is cut off."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError, httpx.StreamError):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            seen = 0
+            async for _ in events:
+                seen += 1
+                if seen > _DRAIN_EVENTS:
+                    return
 
 
 async def _read_capped(response: httpx.Response) -> bytes:

@@ -197,6 +197,13 @@ def m004_routes_and_upstreams(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration(5)
+def m005_model_pins(db: sqlite_utils.Database) -> None:
+    """Which models the pool keeps loaded whatever their idle time (`appliance models pin`).
+    A model without a row follows the default: the first registered model is pinned."""
+    db["model_pins"].create({"name": str, "pinned": int, "updated_at": float}, pk="name", not_null={"pinned", "updated_at"})
+
+
 def latest_version() -> int:
     return len(MIGRATIONS)
 
