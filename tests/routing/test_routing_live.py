@@ -395,3 +395,14 @@ def test_a_recovered_local_model_is_closed_by_a_free_canary(site: Site) -> None:
     _wait_for_state(site, "r-canary", "broken", "closed")  # no request was sent: the prober did it
     assert site.calls("broken") > before_calls
     assert _usage_by_model(site).get("broken", {}).get("requests", 0) == before_usage  # billed to no one
+
+
+def test_admin_models_shows_each_models_breaker(site: Site) -> None:
+    put_route(site, "r-models", [MODEL_NAME])
+    assert chat(site, "r-models").status_code == 200
+    models = {m["name"]: m for m in admin(site, "GET", "/admin/models").json()["data"]}
+    assert set(models) >= {MODEL_NAME, SPARE, TINY, GEMMA_NAME}
+    breaker = models[MODEL_NAME]["breaker"]
+    assert (breaker["state"], breaker["recent_failures"]) == ("closed", 0)
+    assert set(breaker) == {"state", "recent_failures", "last_error", "times_opened", "seconds_since_change",
+                            "half_open_in_seconds"}
