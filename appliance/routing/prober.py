@@ -12,6 +12,7 @@ import asyncio
 import logging
 from contextlib import aclosing
 
+from appliance.model_pool import ModelPool
 from appliance.routing.breakers import Breaker, Breakers
 from appliance.routing.catalog import Catalog
 from runtime.engine import Engine, Finished, GenerationRequest, SamplingParams
@@ -42,7 +43,9 @@ class CanaryProber:
         """Probe every half-open breaker of a resident local model; their outcomes."""
         out: dict[str, str] = {}
         for breaker in self.breakers.half_open():
-            engine = self.catalog.pool.get(breaker.name)
+            pool = self.catalog.pool
+            # A canary is not a use: it must not keep an idle model from being unloaded.
+            engine = pool.peek(breaker.name) if isinstance(pool, ModelPool) else pool.get(breaker.name)
             if engine is None or self.catalog.is_remote(breaker.name) or not breaker.allow():
                 continue  # not loaded (a canary must not load it), remote, or a request is the probe
             out[breaker.name] = await self._probe(breaker, engine)
