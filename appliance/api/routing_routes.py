@@ -17,6 +17,7 @@ from appliance.api.security import roles
 from appliance.api.services import Services, ServicesDep
 from appliance.auth import Principal, Role
 from appliance.guardrails import parse_tags
+from appliance.routing.calibration import MAX_EACH, MAX_PROMPT_CHARS
 from appliance.routing.router import Need
 from appliance.routing.routes import ROUTE_NAME_PATTERN, Route, RouteSpec
 
@@ -125,8 +126,15 @@ async def explain_route(request: Request[Principal, Any, Any], data: JSONBody[Ex
     return msgspec.convert(out, Explanation)
 
 
+# A golden set's size, bounded so that the largest body the schema admits (every character
+# JSON-escaped to 6 bytes) fits the endpoint's own body limit below: it is a 400 naming the
+# field, never a 413 for a body the document said was fine.
+GOLDEN_PROMPT_CHARS, GOLDEN_PER_LABEL = MAX_PROMPT_CHARS, MAX_EACH
+CALIBRATION_MAX_BODY = 2 * GOLDEN_PER_LABEL * (GOLDEN_PROMPT_CHARS * 6 + 128) + 1024
+
+
 class CalibrationExample(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    prompt: Annotated[str, Meta(max_length=1_000_000)]
+    prompt: Annotated[str, Meta(max_length=GOLDEN_PROMPT_CHARS)]
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     json_mode: bool = False
 
@@ -134,8 +142,8 @@ class CalibrationExample(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
 class CalibrationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A site's labelled requests (its golden set): at least 10 easy and 10 hard ones."""
 
-    easy: Annotated[list[CalibrationExample], Meta(min_length=10, max_length=50_000)]
-    hard: Annotated[list[CalibrationExample], Meta(min_length=10, max_length=50_000)]
+    easy: Annotated[list[CalibrationExample], Meta(min_length=10, max_length=GOLDEN_PER_LABEL)]
+    hard: Annotated[list[CalibrationExample], Meta(min_length=10, max_length=GOLDEN_PER_LABEL)]
 
 
 class CalibrationOut(Out):
@@ -154,7 +162,8 @@ async def get_calibration(services: ServicesDep) -> CalibrationOut:
     return msgspec.convert(services.calibration.current(), CalibrationOut)
 
 
-@put("/admin/router/calibration", opt=OPERATE, name="router:calibrate", responses=errors())
+@put("/admin/router/calibration", opt=OPERATE, name="router:calibrate", responses=errors(413),
+     request_max_body_size=CALIBRATION_MAX_BODY)
 async def calibrate(
     request: Request[Principal, Any, Any], data: JSONBody[CalibrationRequest], services: ServicesDep
 ) -> CalibrationOut:

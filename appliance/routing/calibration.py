@@ -14,7 +14,8 @@ from appliance.errors import InvalidRequest
 from appliance.store import Store
 
 MIN_EACH = 10  # fewer of either label cannot place a threshold with any confidence
-MAX_EXAMPLES = 100_000
+MAX_EACH = 500  # of each label: enough to place a threshold, and one request body carries it
+MAX_PROMPT_CHARS = 8_000
 
 
 class CalibrationService:
@@ -79,15 +80,18 @@ class CalibrationService:
 def _checked(examples: Iterable[Any]) -> list[tuple[str, str, int | None, bool]]:
     out = []
     for number, e in enumerate(examples, 1):
-        if number > MAX_EXAMPLES:
-            raise InvalidRequest(f"at most {MAX_EXAMPLES:,} examples", param="examples")
         if not isinstance(e, dict) or not isinstance(e.get("prompt"), str) or e.get("label") not in ("easy", "hard"):
             raise InvalidRequest(f"example {number} needs a string prompt and a label of easy or hard", param="examples")
+        if len(e["prompt"]) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"example {number}: a prompt of at most {MAX_PROMPT_CHARS:,} characters", param="examples")
         max_tokens = e.get("max_tokens")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise InvalidRequest(f"example {number}: max_tokens must be a positive integer", param="examples")
         out.append((e["prompt"], e["label"], max_tokens, bool(e.get("json_mode", False))))
     counts = {label: sum(1 for _, got, _, _ in out if got == label) for label in ("easy", "hard")}
+    if max(counts.values()) > MAX_EACH:
+        raise InvalidRequest(f"at most {MAX_EACH} examples of each label (got {counts['easy']} easy, {counts['hard']} hard)",
+                             param="examples")
     if min(counts.values()) < MIN_EACH:
         raise InvalidRequest(
             f"calibration needs at least {MIN_EACH} easy and {MIN_EACH} hard examples (got {counts['easy']} easy, "

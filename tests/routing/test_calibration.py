@@ -79,6 +79,9 @@ def test_calibrate_fits_audits_and_takes_effect(data_dir: Path, tmp_path: Path) 
         ("".join(json.dumps({"prompt": f"hi {i}", "label": "easy"}) + "\n" for i in range(30)), "10 hard"),
         ('{"prompt": "hi", "label": "easy"}\n', "at least 10"),
         ("".join(json.dumps({"prompt": f"hi {i}", "label": "medium"}) + "\n" for i in range(30)), "easy or hard"),
+        ("".join(json.dumps({"prompt": f"q {i}", "label": "easy" if i > 9 else "hard"}) + "\n" for i in range(511)),
+         "at most 500"),
+        ('{"prompt": "' + "x" * 8001 + '", "label": "easy"}\n', "at most 8,000 characters"),
     ],
 )
 def test_a_bad_golden_set_is_refused_and_changes_nothing(data_dir: Path, tmp_path: Path, content: str, message: str) -> None:
