@@ -30,11 +30,12 @@ class ControlledFaultyEngine(FaultyEngine):
     def __init__(self, name: str, control: Path) -> None:
         super().__init__(name)
         self.control = control
+        self._defaults = {knob: getattr(self, knob) for knob in KNOBS}  # what a file leaves out
 
     def _reload(self) -> None:
         knobs: dict[str, Any] = json.loads(self.control.read_text()) if self.control.exists() else {}
         for knob in KNOBS:
-            setattr(self, knob, knobs.get(knob, FaultyEngine(self.name).__dict__.get(knob, getattr(FaultyEngine(), knob))))
+            setattr(self, knob, knobs.get(knob, self._defaults[knob]))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self._reload()
