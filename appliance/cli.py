@@ -11,8 +11,11 @@ import click
 
 from appliance.audit.cli import audit
 from appliance.audit.log import cli_actor
+from appliance.checks_cli import alerts, checks
 from appliance.cli_support import data_dir_option, emit, handled, json_option, offline, opened
 from appliance.config import Settings, load_settings
+from appliance.drift_cli import drift
+from appliance.feedback_cli import feedback, promote
 from appliance.keys_cli import keys
 from appliance.logs import configure_logging
 from appliance.metering.cli import budgets, teams, usage
@@ -53,6 +56,31 @@ port = 8080
 # breaker_failures = 5              # failures within the window that open a candidate's breaker
 # breaker_window_seconds = 60
 # breaker_cooldown_seconds = 30     # then one probe (a request, or a free canary for local models)
+
+# [checks]                          # scheduled health and drift checks (appliance checks list)
+# misfire_grace_seconds = 60        # a late run still starts within this; runs never overlap
+# history_days = 30
+# [check.host]                      # each check: enabled, interval_seconds or cron, timeout_seconds, options
+# interval_seconds = 60
+# min_free_percent = 10
+# [check.backup]
+# cron = "0 3 * * *"                # daily at 03:00 local time
+# keep = 7
+
+# Alerts: rules send findings at a severity or worse to channels (appliance alerts channels).
+# [alerts.channels.ops]
+# type = "webhook"                  # or "syslog" (address = "udp://10.0.0.5:514") or "smtp"
+# url = "https://hooks.example.lan/appliance"
+# secret_file = "keys/ops.secret"   # HMAC-SHA256 key, mode 0600
+# [[alerts.rules]]
+# name = "everything"
+# checks = ["*"]
+# severity = "warn"
+# channels = ["ops"]
+# repeat_seconds = 3600
+
+# [metrics]
+# listen = "127.0.0.1:9464"         # /metrics without a key, for a local Prometheus
 
 # [[models]]
 # name = "smollm2-135m-instruct"
@@ -169,5 +197,6 @@ def serve(data_dir: Path | None, host: str | None, port: int | None) -> None:
     run_server(settings)
 
 
-for group in (models, keys, teams, budgets, usage, audit, plugins, routes, upstreams):
+for group in (models, keys, teams, budgets, usage, audit, plugins, routes, upstreams, checks, alerts, drift, feedback):
     main.add_command(group)
+drift.add_command(promote)  # the feedback loop's end: a correction becomes a golden case

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -123,6 +123,92 @@ class AuditSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Kept prompt text (redacted or full) is cut after this many characters; the record then
     # also holds the whole prompt's length and sha256.
     max_kept_prompt_chars: Annotated[int, Meta(ge=0)] = 65536
+    # What is kept of answers, beside the hashed record like prompts (none by default); a
+    # key's or team's `answer_retention` wins. Kept answers feed `appliance feedback export`.
+    default_answer_retention: str = "none"
+    max_kept_answer_chars: Annotated[int, Meta(ge=0)] = 65536
+    # Stream audit records, as they are committed, to a syslog receiver (a SIEM):
+    # "tcp://host:port", "udp://host:port" or "unix:///path". Resumes where it stopped.
+    forward_syslog: str = ""
+
+
+class ChecksSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The scheduler (appliance/checks/). Each check's own table is `[check.<name>]`:
+    `enabled`, `interval_seconds` or `cron`, `timeout_seconds`, and the check's options."""
+
+    enabled: bool = True
+    # A run that could not start on time (the loop was busy, the box slept) still starts
+    # within this grace; later, it is skipped and the next one is awaited. Runs of one check
+    # never overlap, and missed runs coalesce into one.
+    misfire_grace_seconds: PositiveFloat = 60.0
+    history_days: PositiveFloat = 30.0  # runs older than this are pruned
+    history_runs: Positive = 500  # and at most this many are kept per check
+
+
+class AlertRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[[alerts.rules]]`: findings of these checks, at this severity or worse, go to these channels."""
+
+    name: str
+    checks: list[str] = msgspec.field(default_factory=lambda: ["*"])  # check names or globs
+    severity: Literal["warn", "fail"] = "warn"
+    channels: list[str] = msgspec.field(default_factory=list)
+    repeat_seconds: Annotated[float, Meta(ge=0)] = 3600.0  # re-sent while open; 0 = once
+
+
+class AlertSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    rules: list[AlertRule] = msgspec.field(default_factory=list)
+    # `[alerts.channels.<name>]` with `type` = "webhook" | "syslog" | "smtp" (appliance/checks/channels/).
+    channels: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+class MetricsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # `/metrics` on the API port needs an admin, operator or auditor key. `listen`
+    # ("127.0.0.1:9464") serves it without a key on a separate bind, for a local scraper.
+    listen: str = ""
+    # A `listen` address that is not loopback (a wildcard such as 0.0.0.0, or a LAN address)
+    # serves the metrics to the network without a key: refused unless this is true (docs/metrics.md).
+    allow_remote: bool = False
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            host, _ = self.address()
+            if not self.allow_remote and not _is_loopback(host):
+                raise ValueError(
+                    f"listen = {self.listen!r} serves metrics without a key beyond this machine; "
+                    "bind 127.0.0.1, or set metrics.allow_remote = true"
+                )
+
+    def address(self) -> tuple[str, int]:
+        """`listen` as (host, port): "127.0.0.1:9464", "[::1]:9464", "0.0.0.0:9464" (":9464": every address)."""
+        host, sep, port = self.listen.rpartition(":")
+        host = host.strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"listen = {self.listen!r}: write an IPv6 address in brackets, [::1]:9464")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"listen = {self.listen!r}: expected host:port, for example 127.0.0.1:9464")
+        return host or "0.0.0.0", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class DriftSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Input and output drift (appliance/checks/drift.py) and golden sets (golden.py)."""
+
+    window_hours: PositiveFloat = 24.0  # the current window, compared with the baseline's
+    psi_warn: PositiveFloat = 0.1
+    psi_fail: PositiveFloat = 0.25
+    pass_rate_drop: Annotated[float, Meta(ge=0, le=1)] = 0.1  # golden pass rate this far below its baseline alerts
+    similarity_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.8  # default for golden `similarity` assertions
+    embedding_model: str = ""  # default: the default model's embeddings
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -135,6 +221,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    checks: ChecksSettings = msgspec.field(default_factory=ChecksSettings)
+    check: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
     # [plugins.<name>] tables: `enabled`, `fail` ("open"|"closed"), `timeout_seconds`, `workers`
     # for the host, the rest for the plugin (appliance/plugin_manager.py).
     plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
@@ -162,6 +253,9 @@ _ENV_SECTIONS = {
     "costs": CostSettings,
     "audit": AuditSettings,
     "auth": AuthSettings,
+    "checks": ChecksSettings,
+    "metrics": MetricsSettings,
+    "drift": DriftSettings,
 }
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 RETENTION_POLICIES = ("none", "sha256", "redacted", "full")
@@ -193,11 +287,11 @@ def load_settings(
     settings = _check(raw, source="command line", strict=False)
     if settings.server.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"server.log_level: expected one of {sorted(_LOG_LEVELS)}, got {settings.server.log_level!r}")
-    if settings.audit.default_prompt_retention not in RETENTION_POLICIES:
-        raise ConfigError(
-            f"audit.default_prompt_retention: expected one of {list(RETENTION_POLICIES)}, "
-            f"got {settings.audit.default_prompt_retention!r}"
-        )
+    for name in ("default_prompt_retention", "default_answer_retention"):
+        if getattr(settings.audit, name) not in RETENTION_POLICIES:
+            raise ConfigError(
+                f"audit.{name}: expected one of {list(RETENTION_POLICIES)}, got {getattr(settings.audit, name)!r}"
+            )
     if settings.runtime.cpu_variant not in ("auto", *VARIANTS):
         raise ConfigError(
             f"runtime.cpu_variant: expected auto or one of {', '.join(VARIANTS)}, got {settings.runtime.cpu_variant!r}"

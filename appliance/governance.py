@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from appliance.audit import AuditLog
-from appliance.audit.retention import resolve_policy, retain
+from appliance.audit.retention import Retained, resolve_policy, retain
 from appliance.auth import Principal
+from appliance.checks.features import looks_like_refusal, script_of
 from appliance.config import Settings
 from appliance.errors import AuditUnavailable, StoreError
 from appliance.metering import BudgetService, CostModel, RateHeaders, RateLimiter, Reservation, UsageRecord, insert_fn
+from appliance.redaction import scrub_keys
 from appliance.store import Store
 from appliance.work import WorkPool
 from runtime.engine import Finished
@@ -70,6 +72,10 @@ class RequestContext:
     plugin_notes: dict[str, Any] | None = None  # what prepare_request/check_response plugins noted
     guardrails: dict[str, str] | None = None  # per check_response plugin: passed, rejected, not run...
     audit_text: str | None = None  # a plugin's stand-in for prompt_text in kept text
+    kind: str = ""  # chat | completion | embeddings; "" for the rest of the API
+    response_id: str | None = None  # the response's own id (chatcmpl-..., cmpl-...)
+    first_token_at: float | None = None  # perf_counter when the first token was produced
+    answer_text: str | None = None  # the answer, for retention, features and feedback
 
 
 class Governance:
@@ -98,6 +104,9 @@ class Governance:
         self._work = work or WorkPool(2)
         # Called with each usage record (a dict) once it is committed (plugins' on_usage); quick only.
         self.usage_listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Called on the loop with each request's context and status once its records are
+        # committed (metrics); quick only.
+        self.request_listeners: list[Callable[[RequestContext, int], None]] = []
 
     def keeps_text(self, principal: Principal) -> bool:
         """Whether the audit log keeps this principal's prompt text (policy redacted or full)."""
@@ -144,13 +153,15 @@ class Governance:
             self._release(ctx)
             return
         try:
-            chars = len(ctx.prompt_text or "") + len(ctx.audit_text or "")
+            chars = len(ctx.prompt_text or "") + len(ctx.audit_text or "") + len(ctx.answer_text or "")
             job, settle = await self._work.run_for(chars, self._prepare, ctx, status)
             await self._store.write(job)
         except (StoreError, OSError) as exc:
             raise AuditUnavailable(f"the audit record could not be written: {exc}") from exc
         else:
             settle()
+            for listener in self.request_listeners:
+                listener(ctx, status)
         finally:
             self._release(ctx)
 
@@ -181,6 +192,8 @@ class Governance:
         audit_fn = self.audit.append_fn(
             "request", body, key_id=p.key_id if p else None, team_id=p.team_id if p else None, ts=now, content=content
         )
+        if ctx.response_id is not None:
+            audit_fn = _indexed(audit_fn, ctx.response_id)
         if usage is None:
             return audit_fn, lambda: None
         record, bill = usage
@@ -283,6 +296,15 @@ class Governance:
         }
         if ctx.error_code:
             body["error"] = ctx.error_code
+        if ctx.kind:
+            body["kind"] = ctx.kind
+        if ctx.response_id is not None:
+            body["response_id"] = ctx.response_id
+        if ctx.finished is not None and ctx.kind != "embeddings":
+            body["finish_reason"] = ctx.finished.reason
+        features = request_features(ctx)
+        if features:
+            body["features"] = features
         if ctx.weights is not None:
             body["weights"] = ctx.weights
         if ctx.route_trail is not None:
@@ -291,15 +313,54 @@ class Governance:
             body["plugins"] = ctx.plugin_notes
         if ctx.guardrails:
             body["guardrails"] = ctx.guardrails
-        content = None
+        content: dict[str, str] = {}
+        audit = self._settings.audit
         if ctx.prompt_text is not None and p is not None:
-            policy = resolve_policy(p.prompt_retention, None, self._settings.audit.default_prompt_retention)
+            policy = resolve_policy(p.prompt_retention, None, audit.default_prompt_retention)
             text = ctx.audit_text if ctx.audit_text is not None and policy in ("redacted", "full") else ctx.prompt_text
-            kept = retain(policy, text, limit=self._settings.audit.max_kept_prompt_chars)
+            kept = _retain(policy, text, audit.max_kept_prompt_chars)
             if kept is not None:
                 body["prompt"] = kept.digest
-                content = {"prompt": kept.text} if kept.text is not None else None
-        return body, content
+                if kept.text is not None:
+                    content["prompt"] = kept.text
+        if ctx.answer_text is not None and p is not None:
+            policy = resolve_policy(p.answer_retention, None, audit.default_answer_retention)
+            kept = _retain(policy, ctx.answer_text, audit.max_kept_answer_chars)
+            if kept is not None:
+                body["answer"] = kept.digest
+                if kept.text is not None:
+                    content["answer"] = kept.text
+        return body, content or None
+
+
+def request_features(ctx: RequestContext) -> dict[str, Any]:
+    """What drift is measured on, kept whatever the retention policy (appliance/checks/features.py)."""
+    features: dict[str, Any] = {}
+    if ctx.prompt_text is not None:
+        features["script"] = script_of(ctx.prompt_text)
+    if ctx.answer_text is not None:
+        features["refusal"] = looks_like_refusal(ctx.answer_text)
+    if ctx.first_token_at is not None:
+        features["ttft_ms"] = round((ctx.first_token_at - ctx.started) * 1000, 3)
+    return features
+
+
+def _retain(policy: str, text: str, limit: int) -> Retained | None:
+    """`retain`, with API-key-shaped strings scrubbed from kept text first: the audit log
+    scrubs them from what it stores, and the digest must be of what is stored."""
+    return retain(policy, scrub_keys(text) if policy in ("redacted", "full") else text, limit=limit)
+
+
+def _indexed(append: Callable[[Any], int], response_id: str) -> Callable[[Any], int]:
+    """`append` that also files the record under the response's own id (`audit_responses`), in
+    the same transaction, so feedback finds the request's record by that id at once."""
+
+    def write(conn: Any) -> int:
+        idx = append(conn)
+        conn.execute("INSERT INTO audit_responses (response_id, idx) VALUES (?, ?)", (response_id, idx))
+        return idx
+
+    return write
 
 
 def _tell(listeners: list[Callable[[dict[str, Any]], None]], record: dict[str, Any]) -> None:

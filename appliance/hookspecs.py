@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 PROJECT = "appliance"
-HOOKSPEC_VERSION = "1.0"
+HOOKSPEC_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -156,11 +156,19 @@ ACCEPT = Verdict("accept")
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """A scheduled check a plugin contributes: `run()` returns findings (plain JSON values)."""
+    """A scheduled check a plugin contributes. `run()` is called in a worker thread and
+    returns plain JSON values: one finding, `{"status": "ok"|"warn"|"fail", "summary": str,
+    ...readings}`, or several, `{"findings": [{"subject", "status", "summary", "details"}]}`
+    (a subject per thing looked at, so that two disks raise two alerts). A `run` that
+    raises, or runs past `timeout_seconds`, is an "error" run. `cron` (a crontab line, since
+    1.1) schedules it instead of `interval_seconds`; `[check.<name>]` may override both."""
 
     name: str
     run: Callable[[], Mapping[str, Any]]
     interval_seconds: float = 300.0
+    cron: str | None = None
+    description: str = ""
+    timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +237,11 @@ class Specs:
 
     @hookspec
     def register_alert_channels(self, register: Callable[[str, Callable[[Mapping[str, Any]], None]], None]) -> None:
-        """Contribute alert channels: `register(name, send)`, `send(alert)` delivers one alert."""
+        """Contribute alert channels: `register(name, send)`; `send(alert)` delivers one alert
+        (a mapping: id, rule, check, subject, severity, event "open"|"repeat"|"resolve",
+        state, summary, details, opened_at, ts, sends) or raises. It is called in a worker
+        thread with a time limit; a channel that fails is reported and never blocks a check.
+        `[[alerts.rules]]` name channels by these names."""
 
     @hookspec
     def register_admin_routes(self, register: Callable[[AdminRoute], None]) -> None:

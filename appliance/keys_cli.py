@@ -17,6 +17,7 @@ from appliance.errors import InvalidRequest
 
 __all__ = ["keys", "parse_duration"]
 
+_POLICIES = ["none", "sha256", "redacted", "full", "default"]
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -52,6 +53,12 @@ def keys() -> None:
     default=None,
     help="How prompts are kept in the audit log (default: the team's, else sha256).",
 )
+@click.option(
+    "--answer-retention",
+    type=click.Choice(["none", "sha256", "redacted", "full"]),
+    default=None,
+    help="How answers are kept in the audit log (default: the team's, else none).",
+)
 @data_dir_option
 @json_option
 @handled
@@ -64,6 +71,7 @@ def keys_create(
     rpm: int | None,
     tpm: int | None,
     prompt_retention: str | None,
+    answer_retention: str | None,
     data_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -78,6 +86,7 @@ def keys_create(
         "rpm": rpm,
         "tpm": tpm,
         "prompt_retention": prompt_retention,
+        "answer_retention": answer_retention,
     }
 
     def local(o: Any) -> dict[str, Any]:
@@ -91,6 +100,7 @@ def keys_create(
             rpm=rpm,
             tpm=tpm,
             prompt_retention=prompt_retention,
+            answer_retention=answer_retention,
         )
         return new.record.to_dict() | {"key": new.secret}
 
@@ -132,6 +142,8 @@ def _none_or(value: str) -> str | None:
 @click.option("--model", "models_", multiple=True, help="Allow only these models (repeatable); --model all for every model.")
 @click.option("--expires", default=None, help="New expiry (ISO 8601), or 'never'.")
 @click.option("--team", default=None, help="Move the key to this team.")
+@click.option("--prompt-retention", type=click.Choice(_POLICIES), default=None, help="'default': the team's policy.")
+@click.option("--answer-retention", type=click.Choice(_POLICIES), default=None, help="'default': the team's policy.")
 @data_dir_option
 @json_option
 @handled
@@ -142,10 +154,12 @@ def keys_update(
     models_: tuple[str, ...],
     expires: str | None,
     team: str | None,
+    prompt_retention: str | None,
+    answer_retention: str | None,
     data_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Change a key's limits, models, expiry or team; what is not given stays."""
+    """Change a key's limits, models, expiry, team or retention; what is not given stays."""
     fields: dict[str, Any] = {}
     for name, value in (("rpm", rpm), ("tpm", tpm)):
         if value is not None:
@@ -161,12 +175,19 @@ def keys_update(
         fields["expires_at"] = parse_expiry(when) if when else None
     if team is not None:
         fields["team"] = team
+    for name, policy in (("prompt_retention", prompt_retention), ("answer_retention", answer_retention)):
+        if policy is not None:
+            fields[name] = None if policy == "default" else policy
     if not fields:
-        raise InvalidRequest("nothing to update: give at least one of --rpm, --tpm, --model, --expires, --team")
+        raise InvalidRequest(
+            "nothing to update: give at least one of --rpm, --tpm, --model, --expires, --team, --prompt-retention,"
+            " --answer-retention"
+        )
     body = {k: (_iso(v) if k == "expires_at" and v is not None else v) for k, v in fields.items()}
 
     def local(o: Any) -> dict[str, Any]:
-        given = {k: fields.get(k, UNSET) for k in ("rpm", "tpm", "models", "expires_at", "team")}
+        names = ("rpm", "tpm", "models", "expires_at", "team", "prompt_retention", "answer_retention")
+        given = {k: fields.get(k, UNSET) for k in names}
         return o.keys.update(key_id, actor=cli_actor(), **given).to_dict()
 
     record = apply_change(data_dir, remote=("PATCH", f"/admin/keys/{key_id}", body), local=local)
@@ -174,7 +195,8 @@ def keys_update(
         emit(record)
     else:
         click.echo(f"updated {record['id']} ({record['name']}): rpm {record['rpm']}, tpm {record['tpm']}, "
-                   f"models {record['models'] or 'all'}, expires {record['expires_at'] or 'never'}, team {record['team']}")
+                   f"models {record['models'] or 'all'}, expires {record['expires_at'] or 'never'}, team {record['team']}, "
+                   f"retention prompt {record['prompt_retention'] or 'team'} answer {record['answer_retention'] or 'team'}")
 
 
 @keys.command("rotate")

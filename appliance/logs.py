@@ -3,12 +3,17 @@ every record, whatever logger produced it."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
 
 from appliance.redaction import scrub_keys
+
+# The request being served, for every log line written while serving it (set by the audit
+# middleware; copied into worker threads by asyncio.to_thread).
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
 class RedactKeys(logging.Filter):
@@ -28,6 +33,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        if record.threadName and not record.threadName.startswith("MainThread"):
+            entry["thread"] = record.threadName
         if record.exc_info:
             entry["exc"] = scrub_keys(self.formatException(record.exc_info))
         return json.dumps(entry)

@@ -40,6 +40,11 @@ class DataPaths:
         return self.models / "encoded"
 
     @property
+    def golden(self) -> Path:
+        """Golden sets, one YAML or JSON file each (appliance/checks/golden.py)."""
+        return self.root / "golden"
+
+    @property
     def keys(self) -> Path:
         return self.root / "keys"
 

@@ -162,6 +162,27 @@ class PluginManager:
         self._impls.clear()
         return self
 
+    def register_builtin(self, name: str, obj: object, version: str) -> Plugin:
+        """The appliance's own checks and alert channels, registered through the same hooks
+        as a plugin's (validated and listed alike). Raises `PluginError` when they are refused."""
+        if name in self.plugins:
+            raise PluginError(f"a plugin named {name!r} is already loaded")
+        plugin = Plugin(name=name, version=version, source="built-in", timeout_seconds=30.0)
+        self._pm.register(obj, name=name)
+        plugin.module = obj
+        plugin.hooks = sorted(_hook_names(self._pm, name))
+        plugin.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plugin-{name}")
+        self.plugins[name] = plugin
+        try:
+            self._collect_registrations(plugin)
+        except Exception as exc:
+            self._pm.unregister(name=name)
+            del self.plugins[name]
+            plugin.pool.shutdown(wait=False)
+            raise PluginError(f"{name}: {exc}") from exc
+        self._impls.clear()
+        return plugin
+
     def _skip(self, point: importlib.metadata.EntryPoint) -> None:
         plugin = self._new(point)
         plugin.enabled, plugin.status = False, "disabled"

@@ -1,4 +1,4 @@
-"""Teams: groups of keys that share budgets and a default prompt-retention policy.
+"""Teams: groups of keys that share budgets and default prompt- and answer-retention policies.
 
 A team's id is the slug of its name (`Research Lab` -> `research-lab`). The `default` team
 exists from the start (migration 2) and cannot be deleted.
@@ -11,11 +11,12 @@ import sqlite3
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from appliance.audit.log import Actor, AuditLog
+from appliance.auth.keys import UNSET
 from appliance.config import RETENTION_POLICIES
 from appliance.errors import Conflict, InvalidRequest, NotFound
 from appliance.store import Store
@@ -38,19 +39,21 @@ class Team:
     prompt_retention: str | None  # None: the appliance default (audit.default_prompt_retention)
     created_at: float
     key_count: int = 0
+    answer_retention: str | None = None  # None: the appliance default (audit.default_answer_retention)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.name,
             "prompt_retention": self.prompt_retention,
+            "answer_retention": self.answer_retention,
             "created_at": datetime.fromtimestamp(self.created_at, tz=UTC).isoformat(timespec="seconds"),
             "keys": self.key_count,
         }
 
 
 _SELECT = (
-    "SELECT t.id, t.name, t.prompt_retention, t.created_at,"
+    "SELECT t.id, t.name, t.prompt_retention, t.answer_retention, t.created_at,"
     " (SELECT COUNT(*) FROM api_keys k WHERE k.team_id = t.id) AS key_count FROM teams t"
 )
 
@@ -67,15 +70,23 @@ class TeamService:
             raise RuntimeError("this TeamService was built without an audit log and cannot change teams")
         return self._audit.admin_fn(actor, action, target, **change)
 
-    def create(self, name: str, prompt_retention: str | None = None, *, actor: Actor) -> Team:
+    def create(
+        self, name: str, prompt_retention: str | None = None, *, answer_retention: str | None = None, actor: Actor
+    ) -> Team:
         name = name.strip()
         if not name or len(name) > 100:
             raise InvalidRequest("team name must be 1 to 100 characters", param="name")
         team_id = slugify(name)
         if not team_id:
             raise InvalidRequest(f"team name {name!r} needs at least one letter or digit", param="name")
-        _check_retention(prompt_retention)
-        row = {"id": team_id, "name": name, "prompt_retention": prompt_retention, "created_at": time.time()}
+        _check_retention(prompt_retention=prompt_retention, answer_retention=answer_retention)
+        row = {
+            "id": team_id,
+            "name": name,
+            "prompt_retention": prompt_retention,
+            "answer_retention": answer_retention,
+            "created_at": time.time(),
+        }
         audit = self._admin_fn(actor, "teams.create", team_id, after=Team(**row).to_dict())
 
         def insert(conn: sqlite3.Connection) -> None:
@@ -83,7 +94,8 @@ class TeamService:
             if clash is not None:
                 raise Conflict(f"team {team_id!r} already exists")
             conn.execute(
-                "INSERT INTO teams (id, name, prompt_retention, created_at) VALUES (:id, :name, :prompt_retention, :created_at)",
+                "INSERT INTO teams (id, name, prompt_retention, answer_retention, created_at)"
+                " VALUES (:id, :name, :prompt_retention, :answer_retention, :created_at)",
                 row,
             )
             audit(conn)
@@ -101,15 +113,31 @@ class TeamService:
             raise NotFound(f"No team {id_or_name!r}.")
         return _team(row)
 
-    def set_retention(self, id_or_name: str, prompt_retention: str | None, *, actor: Actor) -> Team:
-        """Change the team's prompt-retention policy (None: the appliance default)."""
-        _check_retention(prompt_retention)
+    def set_retention(
+        self,
+        id_or_name: str,
+        prompt_retention: str | None = UNSET,
+        *,
+        answer_retention: str | None = UNSET,
+        actor: Actor,
+    ) -> Team:
+        """Change the team's prompt- or answer-retention policy (None: the appliance default);
+        a policy not given stays as it is."""
+        changes = {
+            column: policy
+            for column, policy in (("prompt_retention", prompt_retention), ("answer_retention", answer_retention))
+            if policy is not UNSET
+        }
+        _check_retention(**changes)
         team = self.get(id_or_name)
-        after = Team(team.id, team.name, prompt_retention, team.created_at, team.key_count)
+        if not changes:
+            return team
+        after = replace(team, **changes)
         audit = self._admin_fn(actor, "teams.update", team.id, before=team.to_dict(), after=after.to_dict())
+        assignments = ", ".join(f"{column} = :{column}" for column in changes)
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE teams SET prompt_retention = ? WHERE id = ?", (prompt_retention, team.id))
+            conn.execute(f"UPDATE teams SET {assignments} WHERE id = :id", changes | {"id": team.id})
             audit(conn)
 
         self._store.write_sync(write)
@@ -140,11 +168,10 @@ class TeamService:
         return team
 
 
-def _check_retention(policy: str | None) -> None:
-    if policy is not None and policy not in RETENTION_POLICIES:
-        raise InvalidRequest(
-            f"prompt_retention must be one of {', '.join(RETENTION_POLICIES)}, got {policy!r}", param="prompt_retention"
-        )
+def _check_retention(**policies: str | None) -> None:
+    for param, policy in policies.items():
+        if policy is not None and policy not in RETENTION_POLICIES:
+            raise InvalidRequest(f"{param} must be one of {', '.join(RETENTION_POLICIES)}, got {policy!r}", param=param)
 
 
 def _team(row: sqlite3.Row) -> Team:
@@ -154,4 +181,5 @@ def _team(row: sqlite3.Row) -> Team:
         prompt_retention=row["prompt_retention"],
         created_at=float(row["created_at"]),
         key_count=int(row["key_count"]),
+        answer_retention=row["answer_retention"],
     )

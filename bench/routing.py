@@ -324,10 +324,13 @@ def gateway(args: argparse.Namespace) -> dict[str, Any]:
         # back to back in each (their order rotating), and the rounds are pooled.
         per_round = args.requests // args.rounds
         times: dict[str, list[float]] = {t.name: [] for t in targets}
+        round_p50: dict[str, list[float]] = {t.name: [] for t in targets}
         runs: dict[str, dict[int, list[dict[str, Any]]]] = {t.name: {1: [], args.connections: []} for t in targets}
         for r in range(args.rounds):
             for target in targets[r % 3:] + targets[: r % 3]:
-                times[target.name] += latency(target, per_round, WARMUP if r == 0 else 50)
+                measured = latency(target, per_round, WARMUP if r == 0 else 50)
+                times[target.name] += measured
+                round_p50[target.name].append(percentile(measured, 0.5))
         for connections in (1, args.connections):
             for r in range(args.rounds):
                 for target in targets[r % 3:] + targets[: r % 3]:
@@ -360,6 +363,8 @@ def gateway(args: argparse.Namespace) -> dict[str, Any]:
         for c in (1, args.connections)
     }
     ratio = {c: statistics.median(values) for c, values in per_round_ratio.items()}
+    added_per_round = {name: [a - d for a, d in zip(round_p50[name], round_p50["direct"], strict=True)]
+                       for name in ("appliance", "litellm")}
     return {
         "method": "non-streaming chat, 5 words in, 5 tokens out; latency: httpx, sequential, one connection, "
                   f"{args.rounds} rounds of {per_round} per target after {WARMUP} (then 50) warm-up requests, pooled; "
@@ -371,6 +376,7 @@ def gateway(args: argparse.Namespace) -> dict[str, Any]:
                     "config": litellm_config("<mock>/v1"), "start_seconds": round(litellm_start, 2)},
         "results": results,
         "added_latency_ms": added,
+        "added_p50_ms_per_round": added_per_round,
         "requests_per_s": rps,
         "rps_ratio_appliance_over_litellm": ratio,
         "rps_ratio_per_round": per_round_ratio,
@@ -599,7 +605,8 @@ def machine() -> dict[str, Any]:
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
     return {"cpu_model": model, "cpus": os.cpu_count(), "python": platform.python_version(),
             "wrk": (wrk.stdout + wrk.stderr).split("[")[0].strip() or None,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main() -> None:
@@ -619,6 +626,7 @@ def main() -> None:
         out["gateway"] = gateway(args)
     if args.only in (None, "failover"):
         out["failover"] = failover(args)
+    out["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(out, indent=2))
 
 

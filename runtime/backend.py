@@ -47,6 +47,8 @@ _initialised = False
 # buffer size =    48.42 MiB"): which layouts, so which kernels, the model runs on.
 _MODEL_BUFFER = re.compile(r"(\S+) model buffer size =\s*([0-9.]+) MiB")
 _loading = threading.local()
+_GGML_CONT = 5
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 
 
 @llama_cpp.llama_log_callback
@@ -57,8 +59,14 @@ def _log_to_python(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     buffers = getattr(_loading, "buffers", None)
     if buffers is not None and (match := _MODEL_BUFFER.search(line)):
         buffers[match.group(1)] = round(buffers.get(match.group(1), 0.0) + float(match.group(2)), 2)
-    if llama_log.isEnabledFor(logging.DEBUG):
-        llama_log.debug("%s", line.rstrip("\n"))
+    # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 the previous line continued. Its
+    # info is a model's load report, line by line: kept at DEBUG, while warnings and errors
+    # reach the appliance's log at their own level.
+    if level != _GGML_CONT:
+        _loading.level = _GGML_LEVELS.get(level, logging.DEBUG)
+    python_level = getattr(_loading, "level", logging.DEBUG)
+    if llama_log.isEnabledFor(python_level) and line.strip():
+        llama_log.log(python_level, "%s", line.rstrip("\n"))
 
 
 @contextmanager

@@ -16,9 +16,14 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import Message, Scope
 
 from appliance.api import (
+    alerts_routes,
     audit_routes,
+    checks_routes,
+    drift_routes,
+    feedback_routes,
     health_routes,
     keys_routes,
+    metrics_routes,
     models_routes,
     openai_routes,
     plugins_routes,
@@ -29,6 +34,7 @@ from appliance.api import (
 from appliance.api.audit_middleware import AuditMiddleware
 from appliance.api.context import assign_request_id
 from appliance.api.errors import EXCEPTION_HANDLERS
+from appliance.api.metrics_server import start_metrics_server
 from appliance.api.network import HostCheckMiddleware, TrustedProxies, allowed_hosts
 from appliance.api.openapi import ExactJsonRenderPlugin
 from appliance.api.options import allow_handlers
@@ -38,6 +44,8 @@ from appliance.api.strict_bodies import strict_body
 from appliance.audit import AuditLog
 from appliance.auth import KeyService, load_or_create_server_secret
 from appliance.auth.failures import FailedAuthCounter
+from appliance.checks.metrics import Metrics
+from appliance.checks.wiring import forwarding_task, start_checks, stop_checks
 from appliance.config import Settings
 from appliance.engine_pool import EnginePool
 from appliance.governance import Governance
@@ -76,6 +84,11 @@ ROUTES = [
     *plugins_routes.ROUTES,
     *routing_routes.ROUTES,
     *upstreams_routes.ROUTES,
+    *checks_routes.ROUTES,
+    *alerts_routes.ROUTES,
+    *drift_routes.ROUTES,
+    *feedback_routes.ROUTES,
+    *metrics_routes.ROUTES,
 ]
 
 
@@ -170,18 +183,27 @@ def create_app(
         app.state.services = services
         services.remote.refresh()  # upstream prices known before the first request
         await services.plugins.broadcast("startup", plugin_app_info(settings))
+        services.metrics = Metrics(services)
+        metrics_server = await start_metrics_server(settings, services.metrics)
         background = [
             asyncio.create_task(services.audit.run_periodic_checkpoints()),
             asyncio.create_task(services.auth_failures.run()),
             asyncio.create_task(services.pool.run_idle_unloads()),
             asyncio.create_task(services.prober.run()),
         ]
+        start_checks(services, asyncio.get_running_loop())
+        forwarding = forwarding_task(services)
+        if forwarding is not None:
+            background.append(forwarding)
         log.info("serving models: %s", ", ".join(services.pool.names()) or "none")
         try:
             yield
         finally:
+            if metrics_server is not None:
+                await metrics_server.close()
             for task in background:
                 task.cancel()
+            await stop_checks(services)
             await services.pool.close()
             await services.remote.close()
             await services.remote.client.aclose()

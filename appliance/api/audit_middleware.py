@@ -21,6 +21,7 @@ from appliance.api.context import CONTEXT_KEY, assign_request_id
 from appliance.api.errors import error_body, from_runtime
 from appliance.errors import ApplianceError, AuditUnavailable
 from appliance.governance import CLIENT_CLOSED, RequestContext
+from appliance.logs import request_id_var
 from runtime.errors import RuntimeFault
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class AuditMiddleware:
             client=services.trusted_proxies.client_address(scope),
         )
         state[CONTEXT_KEY] = ctx
+        request_id_var.set(request_id)  # this task's log lines carry it (each request is its own task)
         governance = services.governance
         held: Message | None = None
         status = CLIENT_CLOSED

@@ -42,6 +42,7 @@ async def create_key(request: Request[Principal, Any, Any], data: JSONBody[Creat
         rpm=data.rpm,
         tpm=data.tpm,
         prompt_retention=data.prompt_retention,
+        answer_retention=data.answer_retention,
     )
     return new_key(created)
 
@@ -63,7 +64,14 @@ async def update_key(
 ) -> KeyInfo:
     fields: dict[str, Any] = {
         name: KEEP if value is UNSET else value
-        for name, value in (("rpm", data.rpm), ("tpm", data.tpm), ("models", data.models), ("team", data.team))
+        for name, value in (
+            ("rpm", data.rpm),
+            ("tpm", data.tpm),
+            ("models", data.models),
+            ("team", data.team),
+            ("prompt_retention", data.prompt_retention),
+            ("answer_retention", data.answer_retention),
+        )
     }
     if data.expires_at is UNSET:
         fields["expires_at"] = KEEP

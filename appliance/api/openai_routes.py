@@ -154,6 +154,7 @@ async def create_chat_completion(
         spec = gate.chat_input(spec)
     plan = await choose_route(services, plan, gate, request.user)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    ctx.kind, ctx.response_id = "chat", ident
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         events, judge, breaker = await _guarded_stream(services, ctx, request.user, gate, spec, plan)
@@ -162,6 +163,7 @@ async def create_chat_completion(
                            breaker=breaker)
         return Stream(body, media_type="text/event-stream", headers=_headers(ctx) | _SSE_HEADERS)  # type: ignore[return-value]
     text, finished = await answer(services, ctx, request.user, gate, spec, plan, streaming=False)
+    ctx.answer_text = text
     payload = {
         "id": ident,
         "object": "chat.completion",
@@ -206,6 +208,7 @@ async def create_completion(
         specs = [replace(spec, prompt=p) for spec, p in zip(specs, gate.view.prompt or prompts, strict=True)]
     plan = await choose_route(services, plan, gate, request.user)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    ctx.kind, ctx.response_id = "completion", ident
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         events, judge, breaker = await _guarded_stream(services, ctx, request.user, gate, specs[0], plan)
@@ -220,6 +223,7 @@ async def create_completion(
         results.append(finished)
         choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": _finish(finished)})
     ctx.finished = _combined(results)
+    ctx.answer_text = "\n".join(c["text"] for c in choices)
     payload = {
         "id": ident,
         "object": "text_completion",
@@ -237,6 +241,7 @@ async def create_embeddings(
 ) -> Response[EmbeddingList]:
     ctx = request_context(request.scope)
     ctx.user = data.user or None
+    ctx.kind = "embeddings"
     texts = [data.input] if isinstance(data.input, str) else list(data.input)
     plan = services.router.plan(request.user, data.model, _need(request, "embeddings", texts, None, False))
     ctx.prompt_text = "\n".join(texts)
@@ -440,6 +445,7 @@ async def _sse_stream(
     extra = {"usage": None} if include_usage else {}
     outcome: str | None = None
     ended = False  # by an error event: no `[DONE]` follows, so no client takes it for a whole answer
+    parts: list[str] = []
     try:
         if opening is not None:
             yield _sse(opening(base) | extra)
@@ -451,6 +457,7 @@ async def _sse_stream(
                         ended = True
                         break
                     ctx.streamed_tokens += 1
+                    parts.append(event.text)
                     yield _sse(choice(base, event.text, None) | extra)
                 continue
             ctx.finished = event
@@ -465,6 +472,7 @@ async def _sse_stream(
                 yield _sse(choice(base, "", _finish(event)) | extra)
             if include_usage:
                 yield _sse(base | {"choices": [], "usage": usage_dict(event)})
+        ctx.answer_text = "".join(parts)
         await services.governance.complete(ctx, 200)
         if not ended:
             yield _DONE

@@ -137,7 +137,9 @@ class Liveness(Out):
 
 class Readiness(Out):
     status: Literal["ready", "not ready"]
-    models: dict[str, bool]
+    models: dict[str, bool]  # loaded models: whether each is healthy
+    loadable: list[str] = msgspec.field(default_factory=list)  # not loaded, but a request would load them
+    reasons: list[str] = msgspec.field(default_factory=list)  # why it is not ready
 
 
 # -- keys, teams, budgets, usage ------------------------------------------------------------
@@ -157,6 +159,7 @@ class KeyInfo(Out):
     rpm: int | None
     tpm: int | None
     prompt_retention: str | None
+    answer_retention: str | None
 
 
 class NewKey(KeyInfo):
@@ -172,6 +175,7 @@ class TeamInfo(Out):
     id: str
     name: str
     prompt_retention: str | None
+    answer_retention: str | None
     created_at: str
     keys: int
 
@@ -384,3 +388,55 @@ class PluginList(Out):
     object: Literal["list"]
     hookspec: str
     data: list[PluginInfo]
+
+
+# -- feedback -------------------------------------------------------------------------------
+Kept = Literal["full", "redacted", "sha256", "none", "erased", "absent"]
+
+
+class FeedbackOut(Out):
+    """Stored feedback. `score` runs 0..1: down 0, up 1, n stars (n-1)/4."""
+
+    id: str
+    object: Literal["feedback"]
+    response_id: str
+    rating: Literal["up", "down"] | int
+    score: float
+    created_at: str
+
+
+class FeedbackKept(Out):
+    """What the audit log holds of each text: the kept text (`full`, `redacted`), a digest only
+    (`sha256`), nothing (`none`), text since erased (`erased`), or none was given (`absent`)."""
+
+    prompt: Kept
+    answer: Kept
+    correction: Kept
+    comment: Kept
+
+
+class FeedbackInfo(FeedbackOut):
+    request_idx: int  # the audit record of the request rated
+    audit_idx: int | None  # the audit record of the feedback itself
+    key_id: str | None  # who gave it
+    team_id: str | None
+    model: str | None  # the model that served the response
+    kind: str | None  # chat | completion
+    current: bool  # the newest feedback on its response: the response's rating
+    correction: str | None
+    comment: str | None
+    kept: FeedbackKept
+    promoted_to: str | None  # the golden set it became a case of
+
+
+class FeedbackList(Out):
+    object: Literal["list"]
+    data: list[FeedbackInfo]
+
+
+class PromotionOut(Out):
+    feedback_id: str
+    set: str
+    case_id: str
+    path: str  # the golden-set file written
+    case: dict[str, Any]

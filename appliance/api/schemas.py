@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from appliance.feedback import CASE_ID, MAX_FEEDBACK_CHARS, SET_NAME
+
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 TopP = Annotated[float, Meta(ge=0, le=1)]  # 0 keeps only the most likely token
 MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
@@ -127,17 +129,20 @@ class CreateKeyRequest(Struct, kw_only=True):
     rpm: Limit | None = None
     tpm: Limit | None = None
     prompt_retention: Retention | None = None
+    answer_retention: Retention | None = None
 
 
 class UpdateKeyRequest(Struct, kw_only=True):
     """Fields left out stay as they are (an empty object changes nothing); null clears a
-    limit, the model list or the expiry."""
+    limit, the model list, the expiry or a retention policy (the team's then applies)."""
 
     rpm: Limit | None | UnsetType = UNSET
     tpm: Limit | None | UnsetType = UNSET
     models: ModelNames | None | UnsetType = UNSET
     expires_at: Timestamp | None | UnsetType = UNSET
     team: Annotated[str, Meta(min_length=1)] | UnsetType = UNSET
+    prompt_retention: Retention | None | UnsetType = UNSET
+    answer_retention: Retention | None | UnsetType = UNSET
 
 
 class RotateKeyRequest(Struct, kw_only=True):
@@ -147,6 +152,14 @@ class RotateKeyRequest(Struct, kw_only=True):
 class CreateTeamRequest(Struct, kw_only=True):
     name: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"[A-Za-z0-9]")]
     prompt_retention: Retention | None = None
+    answer_retention: Retention | None = None
+
+
+class UpdateTeamRequest(Struct, kw_only=True):
+    """Fields left out stay as they are; null: the appliance default ([audit])."""
+
+    prompt_retention: Retention | None | UnsetType = UNSET
+    answer_retention: Retention | None | UnsetType = UNSET
 
 
 class CreateBudgetRequest(Struct, kw_only=True):
@@ -176,3 +189,25 @@ class EraseBefore(Struct, tag="before", tag_field="by", kw_only=True):
 
 
 EraseRequest = EraseByKey | EraseByTeam | EraseBefore
+
+
+# -- feedback (appliance/feedback.py) --------------------------------------------------------
+FeedbackText = Annotated[str, Meta(max_length=MAX_FEEDBACK_CHARS)]
+
+
+class FeedbackRequest(Struct, kw_only=True):
+    """A rating of one response, by its own id (`chatcmpl-...`, `cmpl-...`): thumbs up or down,
+    or 1 to 5 stars; optionally the answer it should have been, and a comment."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    rating: Literal["up", "down"] | Annotated[int, Meta(ge=1, le=5)]
+    correction: FeedbackText | None = None
+    comment: FeedbackText | None = None
+
+
+class PromoteRequest(Struct, kw_only=True):
+    """The golden set to add the case to (`<data>/golden/<set>.yaml`), and the case's id
+    (default: the feedback's)."""
+
+    set: Annotated[str, Meta(pattern=SET_NAME)]
+    case_id: Annotated[str, Meta(pattern=CASE_ID)] | None = None

@@ -10,6 +10,10 @@ from appliance.api.network import TrustedProxies
 from appliance.audit import AuditLog
 from appliance.auth import KeyService
 from appliance.auth.failures import FailedAuthCounter
+from appliance.checks.alerts import AlertEngine
+from appliance.checks.audit_forward import AuditForwarder
+from appliance.checks.metrics import Metrics
+from appliance.checks.scheduler import CheckScheduler
 from appliance.config import Settings
 from appliance.governance import Governance
 from appliance.inference import InferenceService
@@ -53,6 +57,11 @@ class Services:
     calibration: CalibrationService
     prober: CanaryProber
     dispatcher: Dispatcher
+    # Set by the lifespan once the loop runs (appliance/checks/wiring.py).
+    checks: CheckScheduler | None = None
+    alerts: AlertEngine | None = None
+    forwarder: AuditForwarder | None = None
+    metrics: Metrics | None = None  # set by the lifespan (appliance/checks/metrics.py)
 
 
 ServicesDep = NamedDependency[Services]  # how handlers ask for the services

@@ -6,12 +6,12 @@ import math
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, delete, get, post
+from litestar import Request, delete, get, patch, post
 from litestar.params import FromPath, JSONBody, Parameter
 
 from appliance.api.context import change
 from appliance.api.responses import BudgetInfo, BudgetList, TeamInfo, TeamList, errors
-from appliance.api.schemas import CreateBudgetRequest, CreateTeamRequest
+from appliance.api.schemas import CreateBudgetRequest, CreateTeamRequest, UpdateTeamRequest
 from appliance.api.security import roles
 from appliance.api.services import ServicesDep
 from appliance.auth import Principal, Role
@@ -22,7 +22,23 @@ READ_GOVERNANCE = roles(Role.AUDITOR)
 
 @post("/admin/teams", opt=ADMIN, name="teams:create", status_code=201, responses=errors(409))
 async def create_team(request: Request[Principal, Any, Any], data: JSONBody[CreateTeamRequest], services: ServicesDep) -> TeamInfo:
-    team = await change(request, services.teams.create, data.name, data.prompt_retention)
+    team = await change(
+        request, services.teams.create, data.name, data.prompt_retention, answer_retention=data.answer_retention
+    )
+    return msgspec.convert(team.to_dict(), TeamInfo)
+
+
+@patch("/admin/teams/{team_id:str}", opt=ADMIN, name="teams:update", responses=errors(404))
+async def update_team(
+    request: Request[Principal, Any, Any], team_id: FromPath[str], data: JSONBody[UpdateTeamRequest], services: ServicesDep
+) -> TeamInfo:
+    """Change the team's prompt or answer retention; null: the appliance default."""
+    policies = {
+        name: value
+        for name, value in (("prompt_retention", data.prompt_retention), ("answer_retention", data.answer_retention))
+        if value is not msgspec.UNSET
+    }
+    team = await change(request, services.teams.set_retention, team_id, **policies)
     return msgspec.convert(team.to_dict(), TeamInfo)
 
 
@@ -61,4 +77,4 @@ async def delete_budget(
     return msgspec.convert(budget.to_dict(), BudgetInfo)
 
 
-ROUTES = [create_team, list_teams, delete_team, set_budget, list_budgets, delete_budget]
+ROUTES = [create_team, list_teams, update_team, delete_team, set_budget, list_budgets, delete_budget]

@@ -33,7 +33,8 @@ _ID_BYTES = 6  # 12 hex characters, public
 _SECRET_BYTES = 32  # 256 bits
 _DUMMY_HASH = "0" * 64
 _SELECT_WITH_TEAM = (
-    "SELECT k.*, t.prompt_retention AS team_retention FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.id = ?"
+    "SELECT k.*, t.prompt_retention AS team_retention, t.answer_retention AS team_answer_retention"
+    " FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.id = ?"
 )
 _DAY = 86400.0
 
@@ -80,6 +81,7 @@ class KeyRecord:
     rpm: int | None = None
     tpm: int | None = None
     prompt_retention: str | None = None
+    answer_retention: str | None = None
     rotated_at: float | None = None
     previous_valid_until: float | None = None  # the secret before the last rotation works until then
     expiring: bool = False  # active, and expires within the warning window
@@ -110,6 +112,7 @@ class KeyRecord:
             "rpm": self.rpm,
             "tpm": self.tpm,
             "prompt_retention": self.prompt_retention,
+            "answer_retention": self.answer_retention,
         }
 
 
@@ -153,29 +156,14 @@ class KeyService:
         record = self._record(row)
         if record.status != "active":
             raise AuthenticationFailed(f"This API key is {record.status}.", reason=record.status)
-        models = frozenset(record.allowed_models) if record.allowed_models is not None else None
-        return Principal(
-            key_id=record.id,
-            name=record.name,
-            role=record.role,
-            team_id=record.team_id,
-            allowed_models=models,
-            rpm=record.rpm,
-            tpm=record.tpm,
-            prompt_retention=record.prompt_retention or row["team_retention"],
-        )
+        return _principal(record, row)
 
     def principal_of(self, key_id: str) -> Principal:
         """The principal a key's requests act as (for explaining a routing decision as that key)."""
         row = self._store.query_one(_SELECT_WITH_TEAM, (key_id,))
         if row is None:
             raise NotFound(f"No key {key_id!r}.")
-        record = self._record(row)
-        models = frozenset(record.allowed_models) if record.allowed_models is not None else None
-        return Principal(
-            key_id=record.id, name=record.name, role=record.role, team_id=record.team_id, allowed_models=models,
-            rpm=record.rpm, tpm=record.tpm, prompt_retention=record.prompt_retention or row["team_retention"],
-        )
+        return _principal(self._record(row), row)
 
     # -- management ---------------------------------------------------------------------------
     def create(
@@ -190,6 +178,7 @@ class KeyService:
         rpm: int | None = None,
         tpm: int | None = None,
         prompt_retention: str | None = None,
+        answer_retention: str | None = None,
     ) -> NewKey:
         name = name.strip()
         if not name or len(name) > 100:
@@ -203,8 +192,7 @@ class KeyService:
         now = time.time()
         _check_limits(expires_at=expires_at, rpm=rpm, tpm=tpm, now=now)
         expires_at = _expiry(expires_at)
-        if prompt_retention is not None and prompt_retention not in RETENTION_POLICIES:
-            raise InvalidRequest(f"prompt_retention must be one of {', '.join(RETENTION_POLICIES)}", param="prompt_retention")
+        _check_retention(prompt_retention=prompt_retention, answer_retention=answer_retention)
         team_id = self._team_id(team)
         key_id = secrets.token_hex(_ID_BYTES)
         secret = _new_secret(key_id)
@@ -221,8 +209,11 @@ class KeyService:
             "rpm": rpm,
             "tpm": tpm,
             "prompt_retention": prompt_retention,
+            "answer_retention": answer_retention,
         }
-        record = KeyRecord(key_id, name, role_value, now, expires_at, None, models, team_id, rpm, tpm, prompt_retention)
+        record = KeyRecord(
+            key_id, name, role_value, now, expires_at, None, models, team_id, rpm, tpm, prompt_retention, answer_retention
+        )
         record = self._with_expiring(record)
         audit = self._audit.admin_fn(actor, "keys.create", key_id, after=record.to_dict())
         self._store.write_sync(lambda conn: (_insert_key(conn, row), audit(conn)))
@@ -262,9 +253,12 @@ class KeyService:
         models: list[str] | None = UNSET,
         expires_at: float | None = UNSET,
         team: str = UNSET,
+        prompt_retention: str | None = UNSET,
+        answer_retention: str | None = UNSET,
     ) -> KeyRecord:
-        """Change a key's limits, models, expiry or team; None clears a limit, the model list
-        (every model) or the expiry. Fields not given stay as they are."""
+        """Change a key's limits, models, expiry, team or retention policies; None clears a
+        limit, the model list (every model), the expiry or a policy (then the team's applies).
+        Fields not given stay as they are."""
         before = self.get(key_id)
         if before.revoked_at is not None:
             raise Conflict(f"key {key_id!r} is revoked; create a new one instead")
@@ -279,6 +273,10 @@ class KeyService:
             changes["expires_at"] = _expiry(expires_at)
         if team is not UNSET:
             changes["team_id"] = self._team_id(team)
+        for column, policy in (("prompt_retention", prompt_retention), ("answer_retention", answer_retention)):
+            if policy is not UNSET:
+                _check_retention(**{column: policy})
+                changes[column] = policy
         if not changes:
             return before
         _check_limits(
@@ -291,6 +289,8 @@ class KeyService:
             allowed_models=models if models is not UNSET else before.allowed_models,
             expires_at=changes.get("expires_at", before.expires_at),
             team_id=changes.get("team_id", before.team_id),
+            prompt_retention=changes.get("prompt_retention", before.prompt_retention),
+            answer_retention=changes.get("answer_retention", before.answer_retention),
         )
         after = self._with_expiring(after)
         audit = self._audit.admin_fn(actor, "keys.update", key_id, before=before.to_dict(), after=after.to_dict())
@@ -375,11 +375,33 @@ def _check_limits(*, expires_at: float | None, rpm: int | None, tpm: int | None,
             raise InvalidRequest(f"{param} must be at least 1", param=param)
 
 
+def _check_retention(**policies: str | None) -> None:
+    for param, policy in policies.items():
+        if policy is not None and policy not in RETENTION_POLICIES:
+            raise InvalidRequest(f"{param} must be one of {', '.join(RETENTION_POLICIES)}", param=param)
+
+
+def _principal(record: KeyRecord, row: sqlite3.Row) -> Principal:
+    """The principal a key acts as: its own retention policies, else its team's."""
+    return Principal(
+        key_id=record.id,
+        name=record.name,
+        role=record.role,
+        team_id=record.team_id,
+        allowed_models=frozenset(record.allowed_models) if record.allowed_models is not None else None,
+        rpm=record.rpm,
+        tpm=record.tpm,
+        prompt_retention=record.prompt_retention or row["team_retention"],
+        answer_retention=record.answer_retention or row["team_answer_retention"],
+    )
+
+
 def _insert_key(conn: sqlite3.Connection, row: dict[str, object]) -> None:
     conn.execute(
         "INSERT INTO api_keys (id, name, role, key_hash, allowed_models, created_at, expires_at, revoked_at,"
-        " team_id, rpm, tpm, prompt_retention) VALUES (:id, :name, :role, :key_hash, :allowed_models,"
-        " :created_at, :expires_at, :revoked_at, :team_id, :rpm, :tpm, :prompt_retention)",
+        " team_id, rpm, tpm, prompt_retention, answer_retention) VALUES (:id, :name, :role, :key_hash,"
+        " :allowed_models, :created_at, :expires_at, :revoked_at, :team_id, :rpm, :tpm, :prompt_retention,"
+        " :answer_retention)",
         row,
     )
 
@@ -406,6 +428,7 @@ def _record(row: sqlite3.Row) -> KeyRecord:
         rpm=row["rpm"],
         tpm=row["tpm"],
         prompt_retention=row["prompt_retention"],
+        answer_retention=row["answer_retention"],
         rotated_at=row["rotated_at"],
         previous_valid_until=row["previous_valid_until"],
     )

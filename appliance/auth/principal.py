@@ -23,6 +23,7 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     prompt_retention: str | None = None  # the key's own policy, else the team's; None: the default
+    answer_retention: str | None = None  # likewise, for answers ([audit] default_answer_retention)
     local_uid: int | None = None  # set for the local admin on the admin socket (no key)
 
     def may_use(self, model: str) -> bool:

@@ -30,15 +30,17 @@ def teams() -> None:
 @teams.command("create")
 @click.argument("name")
 @click.option("--retention", type=click.Choice(RETENTION_POLICIES), default=None, help="Prompt retention for the team's keys (default: the appliance default).")
+@click.option("--answer-retention", type=click.Choice(RETENTION_POLICIES), default=None, help="Answer retention for the team's keys (default: the appliance default).")
 @data_dir_option
 @json_option
 @handled
-def teams_create(name: str, retention: str | None, data_dir: Path | None, as_json: bool) -> None:
+def teams_create(name: str, retention: str | None, answer_retention: str | None, data_dir: Path | None, as_json: bool) -> None:
     """Create a team; its id is the slug of NAME."""
+    body = {"name": name, "prompt_retention": retention, "answer_retention": answer_retention}
     team = apply_change(
         data_dir,
-        remote=("POST", "/admin/teams", {"name": name, "prompt_retention": retention}),
-        local=lambda o: o.teams.create(name, retention, actor=cli_actor()).to_dict(),
+        remote=("POST", "/admin/teams", body),
+        local=lambda o: o.teams.create(name, retention, answer_retention=answer_retention, actor=cli_actor()).to_dict(),
     )
     if as_json:
         emit(team)
@@ -58,7 +60,41 @@ def teams_list(data_dir: Path | None, as_json: bool) -> None:
         emit([t.to_dict() for t in found])
         return
     for t in found:
-        click.echo(f"{t.id:24} {t.name:24} keys {t.key_count:>4}  retention {t.prompt_retention or 'default'}")
+        click.echo(
+            f"{t.id:24} {t.name:24} keys {t.key_count:>4}  retention prompt {t.prompt_retention or 'default'}"
+            f" answer {t.answer_retention or 'default'}"
+        )
+
+
+@teams.command("set-retention")
+@click.argument("team")
+@click.option("--prompt", "prompt", type=click.Choice([*RETENTION_POLICIES, "default"]), default=None, help="'default': the appliance default.")
+@click.option("--answer", "answer", type=click.Choice([*RETENTION_POLICIES, "default"]), default=None, help="'default': the appliance default.")
+@data_dir_option
+@json_option
+@handled
+def teams_set_retention(team: str, prompt: str | None, answer: str | None, data_dir: Path | None, as_json: bool) -> None:
+    """Change how the team's prompts and answers are kept (where a key sets none of its own)."""
+    policies = {
+        name: None if value == "default" else value
+        for name, value in (("prompt_retention", prompt), ("answer_retention", answer))
+        if value is not None
+    }
+    if not policies:
+        click.echo("error: give --prompt POLICY, --answer POLICY or both", err=True)
+        sys.exit(1)
+    changed = apply_change(
+        data_dir,
+        remote=("PATCH", f"/admin/teams/{quote(team, safe='')}", policies),
+        local=lambda o: o.teams.set_retention(team, actor=cli_actor(), **policies).to_dict(),
+    )
+    if as_json:
+        emit(changed)
+    else:
+        click.echo(
+            f"team {changed['id']}: retention prompt {changed['prompt_retention'] or 'default'}"
+            f" answer {changed['answer_retention'] or 'default'}"
+        )
 
 
 @teams.command("delete")

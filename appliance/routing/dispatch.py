@@ -134,6 +134,8 @@ class Dispatcher:
             breaker.release()
             raise
         self._served(ctx, candidate.name, prepared)
+        if ctx.first_token_at is None:
+            ctx.first_token_at = time.perf_counter()
         return Opened(index, prepared, events, breaker)
 
     async def complete(

@@ -10,17 +10,56 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from appliance.model_pool import ModelPool
 from appliance.routing.breakers import Breaker, Breakers
 from appliance.routing.catalog import Catalog
-from runtime.engine import Engine, Finished, GenerationRequest, SamplingParams
+from runtime.engine import Engine, Finished, GenerationRequest, SamplingParams, TokenEvent
 from runtime.errors import EngineOverloaded, RuntimeFault
 
 log = logging.getLogger(__name__)
 
 CANARY = GenerationRequest(max_tokens=2, prompt="ping", sampling=SamplingParams(temperature=0.0), request_id="canary")
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryResult:
+    """What one canary took: seconds to its first token, in all, and the tokens it got."""
+
+    tokens: int
+    ttft_seconds: float | None  # None: no token came (the model stopped at once)
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """The decode rate after the first token (the prompt's prefill is in the TTFT)."""
+        if self.ttft_seconds is None or self.tokens < 2 or self.seconds <= self.ttft_seconds:
+            return None
+        return (self.tokens - 1) / (self.seconds - self.ttft_seconds)
+
+
+async def run_canary(engine: Engine, request: GenerationRequest = CANARY, *, timeout: float) -> CanaryResult:
+    """One free generation straight on `engine`: no governance, so no usage, cost or audit
+    record, and (the caller getting `engine` by `pool.peek`) no use of the model. Raises
+    `EngineOverloaded` (busy), `RuntimeFault` (it failed) or `TimeoutError`."""
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    async with aclosing(engine.generate(request)) as events:  # type: ignore[type-var]
+        async with asyncio.timeout(timeout):
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    tokens += 1
+                    if first is None:
+                        first = time.perf_counter() - started
+                elif isinstance(event, Finished):
+                    if event.reason == "error":
+                        raise event.error or RuntimeFault("the canary failed")
+                    break
+    return CanaryResult(tokens, first, time.perf_counter() - started)
 
 
 class CanaryProber:
@@ -54,13 +93,7 @@ class CanaryProber:
     async def _probe(self, breaker: Breaker, engine: Engine) -> str:
         self.canaries += 1
         try:
-            async with aclosing(engine.generate(CANARY)) as events:  # type: ignore[type-var]
-                async with asyncio.timeout(self.timeout):
-                    async for event in events:
-                        if isinstance(event, Finished):
-                            if event.reason == "error":
-                                raise event.error or RuntimeFault("the canary failed")
-                            break
+            await run_canary(engine, CANARY, timeout=self.timeout)
         except EngineOverloaded:
             breaker.release()  # busy is not broken: the next round tries again
             return "busy"

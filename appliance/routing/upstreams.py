@@ -2,8 +2,10 @@
 (vLLM, llama-server, another appliance), so routes can send requests there as to a local model.
 
 What it does on the wire:
-- Generation streams (`stream: true` with usage), over a shared `httpx.AsyncClient` for
+- Generation streams (`stream: true` with usage), over a shared `UpstreamClient` for
   connection pooling (`upstream_client()` builds a suitable one; engines never close it).
+  The events are parsed from the body's bytes as they arrive, in one pass: no iterator
+  per layer, and the stream is read to its end after `[DONE]` so the connection is reused.
 - Connection failures, 5xx and 429 are retried before the first token, at most
   `max_retries` times with full-jitter backoff, and everything before the first token
   (retries and their waits included) must fit the upstream's `timeout_seconds`. Nothing is
@@ -26,17 +28,17 @@ import json
 import logging
 import math
 import random
+import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Literal, Protocol, TypeVar
 
-import httpx
+import msgspec
 
 from appliance.errors import ConfigError, NotFound
 from appliance.redaction import scrub_keys
+from appliance.routing.upstream_http import HTTPError, Response, TooLarge, UpstreamClient
 from appliance.routing.upstream_registry import Upstream, UpstreamRegistry
 from runtime.engine import (
     Embeddings,
@@ -60,8 +62,10 @@ __all__ = ["PriceBook", "UpstreamEngine", "UpstreamEngines", "engines_for", "est
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_DRAIN_SECONDS, _DRAIN_EVENTS = 0.5, 16  # what is read after `[DONE]` at most
+_DRAIN_SECONDS, _DRAIN_BYTES = 0.5, 64 * 1024  # what is read after `[DONE]` at most
 _MAX_ERROR_BODY = 64 * 1024  # bytes of an error response read to find its message
+_MAX_JSON_BODY = 64 * 1024 * 1024  # bytes of an embeddings answer
+_MAX_EVENT = 4 * 1024 * 1024  # bytes of one server-sent event
 _MAX_MESSAGE = 500  # characters of an upstream's error message passed on
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})  # OpenAI's; llama-server's type
 
@@ -76,20 +80,16 @@ def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 3)
 
 
-def upstream_client(*, max_connections: int = 100) -> httpx.AsyncClient:
+def upstream_client(*, max_connections: int = 100, ssl_context: ssl.SSLContext | None = None) -> UpstreamClient:
     """A client for all upstream engines to share: pooled connections, no redirects followed
-    (an upstream cannot send the key elsewhere), no cookies kept (requests stay independent);
-    each engine sets its own timeouts per request."""
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections // 4 or 1),
-        headers={"User-Agent": "appliance-upstream"},
-    )
+    (an upstream cannot send the key elsewhere), no cookies kept (requests stay independent),
+    no proxy; each engine sets its own timeout per request. `ssl_context` verifies https
+    upstreams (default: `ssl.create_default_context()`, the system's CAs)."""
+    return UpstreamClient(max_connections=max_connections, max_idle=max_connections // 4 or 1, ssl_context=ssl_context)
 
 
 def engines_for(
-    registry: UpstreamRegistry, client: httpx.AsyncClient, *, context_length: int = 8192
+    registry: UpstreamRegistry, client: UpstreamClient, *, context_length: int = 8192
 ) -> list[UpstreamEngine]:
     """One engine per (upstream, model) the registry holds, named `upstream/model`."""
     engines = []
@@ -119,7 +119,7 @@ class UpstreamEngines:
     def __init__(
         self,
         registry: UpstreamRegistry,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         *,
         context_length: int = 8192,
         prices: PriceBook | None = None,
@@ -204,7 +204,7 @@ class UpstreamEngine:
         upstream: Upstream,
         model: str,
         *,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         api_key: str | None = None,
         context_length: int = 8192,
         backoff_base: float = 0.25,
@@ -220,9 +220,11 @@ class UpstreamEngine:
         self._key = api_key or None
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
-        self._timeout = httpx.Timeout(upstream.timeout_seconds)
+        self._timeout = upstream.timeout_seconds
+        self._stream_headers = self._headers(stream=True)
+        self._json_headers = self._headers(stream=False)
         self._closed = False
-        self._open: set[httpx.Response] = set()
+        self._open: set[Response] = set()
         self._active = 0
         self._requests_served = 0
         self._tokens_generated = 0
@@ -240,57 +242,61 @@ class UpstreamEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self._check_open()
         path, body = self._generation_body(request)
+        content = _json_bytes(body)
         prompt_estimate = len(request.tokens) if request.tokens else len(self.tokens_for(request))
         chat = request.messages is not None
         started = time.monotonic()
         self._active += 1
         try:
             try:
-                response, head, rest = await self._retrying(
-                    lambda: self._open_stream(path, body, chat, prompt_estimate, request.request_id),
+                stream, pieces = await self._retrying(
+                    lambda: self._open_stream(path, content, chat, prompt_estimate, request.request_id),
                     give_up=f"upstream {self.upstream.name}: no first token within {self.upstream.timeout_seconds:g}s",
                 )
             except RuntimeFault as exc:
                 self._note_failure(exc)
                 raise
+            chunks = 0
+            usage: dict[str, Any] | None = None
+            finish: str | None = None
+            failure: EngineUnavailable | None = None
             try:
-                async with aclosing(self._events(head, rest, prompt_estimate, started)) as events:
-                    async for event in events:
-                        yield event
+                while pieces:  # each batch ends at a "done" or an "error", if it has one
+                    for kind, value in pieces:
+                        if kind == "text":
+                            chunks += 1
+                            yield TokenEvent(value)
+                        elif kind == "finish":
+                            finish = value
+                        elif kind == "usage":
+                            usage = value
+                        elif kind == "error":
+                            said = self._clean(value["message"])
+                            failure = EngineUnavailable(f"upstream {self.upstream.name} failed mid-stream: {said}")
+                        else:  # [DONE]
+                            finish = finish or "stop"
+                    if pieces[-1][0] in ("done", "error"):
+                        break
+                    pieces = await stream.next()
+            except HTTPError as exc:
+                failure = EngineUnavailable(f"upstream {self.upstream.name} failed mid-stream: {self._describe(exc)}")
             finally:
-                await rest.aclose()
-                await self._close_response(response)
+                self._close_response(stream.response)
+            yield self._finished(failure, finish, usage, chunks, prompt_estimate, started)
         finally:
             self._active -= 1
             self._requests_served += 1
 
-    async def _events(
-        self, head: list[Piece], rest: AsyncGenerator[Piece, None], prompt_estimate: int, started: float
-    ) -> AsyncGenerator[GenerationEvent, None]:
-        """Token events for the pieces, then the one `Finished`."""
-        chunks = 0
-        usage: dict[str, Any] | None = None
-        finish: str | None = None
-        failure: EngineUnavailable | None = None
-        try:
-            async with aclosing(_chain(head, rest)) as pieces:
-                async for kind, value in pieces:
-                    if kind == "text":
-                        chunks += 1
-                        yield TokenEvent(value)
-                    elif kind == "finish":
-                        finish = value
-                    elif kind == "usage":
-                        usage = value
-                    elif kind == "error":
-                        said = self._clean(value["message"])
-                        failure = EngineUnavailable(f"upstream {self.upstream.name} failed mid-stream: {said}")
-                        break
-                    else:  # [DONE]
-                        finish = finish or "stop"
-                        break
-        except (httpx.HTTPError, httpx.StreamError) as exc:
-            failure = EngineUnavailable(f"upstream {self.upstream.name} failed mid-stream: {self._describe(exc)}")
+    def _finished(
+        self,
+        failure: EngineUnavailable | None,
+        finish: str | None,
+        usage: dict[str, Any] | None,
+        chunks: int,
+        prompt_estimate: int,
+        started: float,
+    ) -> Finished:
+        """The one `Finished` of a stream that got as far as a first token (or a clean end)."""
         if failure is None and finish is None:  # the connection ended cleanly, the answer did not
             failure = EngineUnavailable(f"upstream {self.upstream.name} ended the stream before it finished")
         if failure is not None and self._closed:
@@ -302,83 +308,46 @@ class UpstreamEngine:
         compute = time.monotonic() - started
         if failure is not None:
             self._note_failure(failure)
-            yield Finished("error", prompt_tokens, completion_tokens, cached, compute_seconds=compute, error=failure)
-            return
+            return Finished("error", prompt_tokens, completion_tokens, cached, compute_seconds=compute, error=failure)
         self._last_error = None
         reason: Literal["stop", "length"] = "length" if finish == "length" else "stop"
-        yield Finished(reason, prompt_tokens, completion_tokens, cached, compute_seconds=compute)
+        return Finished(reason, prompt_tokens, completion_tokens, cached, compute_seconds=compute)
 
     async def _open_stream(
-        self, path: str, body: dict[str, Any], chat: bool, prompt_estimate: int, request_id: str
-    ) -> tuple[httpx.Response, list[Piece], AsyncGenerator[Piece, None]]:
+        self, path: str, content: bytes, chat: bool, prompt_estimate: int, request_id: str
+    ) -> tuple[_Stream, list[Piece]]:
         """One attempt: send, check the status, and read up to the first token. Raises `_Retry`
-        or the final error; on success the caller owns (and closes) the response."""
-        headers = self._headers(stream=True) | ({"X-Request-Id": request_id} if request_id else {})
-        http_request = self._client.build_request("POST", self._url(path), json=body, headers=headers, timeout=self._timeout)
-        response = await self._send(http_request)
-        rest: AsyncGenerator[Piece, None] | None = None
+        or the final error; on success the caller owns (and closes) the stream's response."""
+        headers = self._stream_headers | {"X-Request-Id": request_id} if request_id else self._stream_headers
+        response = await self._send(path, content, headers)
         try:
-            if response.status_code != 200:
+            if response.status != 200:
                 raise await self._refusal(response, prompt_estimate)
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 raise EngineUnavailable(f"upstream {self.upstream.name} did not answer with an event stream")
-            rest = self._pieces(response, chat)
-            head = await self._read_head(rest, prompt_estimate)
-            return response, head, rest
+            stream = _Stream(response, chat)
+            return stream, await self._read_head(stream, prompt_estimate)
         except BaseException:
-            if rest is not None:
-                await rest.aclose()
-            await self._close_response(response)
+            self._close_response(response)
             raise
 
-    async def _read_head(self, pieces: AsyncIterator[Piece], prompt_estimate: int) -> list[Piece]:
-        """The pieces up to and including the first text (or the end, for an empty answer)."""
+    async def _read_head(self, stream: _Stream, prompt_estimate: int) -> list[Piece]:
+        """The pieces up to the first text (or the end, for an empty answer), and any that came
+        with it; an error before the first text is raised."""
         head: list[Piece] = []
         try:
-            async for piece in pieces:
-                if piece[0] == "error":
-                    raise self._stream_refusal(piece[1], prompt_estimate)
-                head.append(piece)
-                if piece[0] in ("text", "done"):
-                    return head
-        except (httpx.HTTPError, httpx.StreamError) as exc:
+            while pieces := await stream.next():
+                for kind, value in pieces:
+                    if kind == "error":
+                        raise self._stream_refusal(value, prompt_estimate)
+                    if kind in ("text", "done"):
+                        return head + pieces
+                head += pieces
+        except HTTPError as exc:
             raise _Retry(EngineUnavailable(f"upstream {self.upstream.name} failed: {self._describe(exc)}")) from None
         if not any(kind == "finish" for kind, _ in head):
             raise _Retry(EngineUnavailable(f"upstream {self.upstream.name} closed the stream before the first token"))
         return head
-
-    async def _pieces(self, response: httpx.Response, chat: bool) -> AsyncGenerator[Piece, None]:
-        """The upstream's server-sent events as text, finish reasons, usage, an error or the end."""
-        events = _sse(response)
-        async for event, data in events:
-            if data.strip() == "[DONE]":
-                await _drain(events)
-                yield ("done", None)
-                return
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                obj = None
-            if event == "error" or (isinstance(obj, dict) and "error" in obj):
-                yield ("error", _error_detail(obj, data))
-                return
-            if not isinstance(obj, dict):
-                yield ("error", {"message": "sent an event that is not a JSON object", "code": None})
-                return
-            if isinstance(obj.get("usage"), dict):
-                yield ("usage", obj["usage"])
-            for choice in obj.get("choices") or ():
-                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                    continue
-                if chat:
-                    delta = choice.get("delta")
-                    text = delta.get("content") if isinstance(delta, dict) else None
-                else:
-                    text = choice.get("text")
-                if isinstance(text, str) and text:
-                    yield ("text", text)
-                if isinstance(choice.get("finish_reason"), str):
-                    yield ("finish", choice["finish_reason"])
 
     def _generation_body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         if (request.prompt is None) == (request.messages is None):
@@ -421,30 +390,40 @@ class UpstreamEngine:
             raise
 
     async def _embed_once(self, texts: list[str], estimate: int) -> Embeddings:
-        body = {"model": self.model, "input": texts}
-        http_request = self._client.build_request(
-            "POST", self._url("/embeddings"), json=body, headers=self._headers(stream=False), timeout=self._timeout
+        response = await self._send(
+            "/embeddings", _json_bytes({"model": self.model, "input": texts}), self._json_headers
         )
-        response = await self._send(http_request)
         try:
-            if response.status_code != 200:
+            if response.status != 200:
                 raise await self._refusal(response, estimate)
             try:
-                payload = json.loads(await response.aread())
+                payload = _decode(await response.read(_MAX_JSON_BODY))
                 rows = sorted(payload["data"], key=lambda row: row.get("index", 0))
                 vectors = [_normalised([float(x) for x in row["embedding"]]) for row in rows]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise EngineUnavailable(f"upstream {self.upstream.name} sent embeddings this server cannot read") from None
-            except (httpx.HTTPError, httpx.StreamError) as exc:
-                raise _Retry(EngineUnavailable(f"upstream {self.upstream.name} failed: {self._describe(exc)}")) from None
+            except (msgspec.DecodeError, ValueError, KeyError, TypeError, AttributeError):
+                raise EngineUnavailable(
+                    f"upstream {self.upstream.name} sent embeddings this server cannot read"
+                ) from None
+            except TooLarge:
+                raise EngineUnavailable(
+                    f"upstream {self.upstream.name} sent embeddings larger than this server reads"
+                ) from None
+            except HTTPError as exc:
+                raise _Retry(
+                    EngineUnavailable(f"upstream {self.upstream.name} failed: {self._describe(exc)}")
+                ) from None
             if len(vectors) != len(texts):
-                raise EngineUnavailable(f"upstream {self.upstream.name} sent {len(vectors)} vectors for {len(texts)} texts")
+                raise EngineUnavailable(
+                    f"upstream {self.upstream.name} sent {len(vectors)} vectors for {len(texts)} texts"
+                )
             usage = payload.get("usage") if isinstance(payload, dict) else None
             prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
             self._last_error = None
-            return Embeddings(vectors=vectors, prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else estimate)
+            return Embeddings(
+                vectors=vectors, prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else estimate
+            )
         finally:
-            await self._close_response(response)
+            self._close_response(response)
 
     # -- token estimates (admission only; settlement uses the upstream's reported usage) --------
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
@@ -487,7 +466,12 @@ class UpstreamEngine:
             kv_cells_total=0,
             tokens_generated=self._tokens_generated,
             requests_served=self._requests_served,
-            extra={"remote": True, "upstream": self.upstream.name, "retries": self._retries, "failures": self._failures},
+            extra={
+                "remote": True,
+                "upstream": self.upstream.name,
+                "retries": self._retries,
+                "failures": self._failures,
+            },
         )
 
     async def close(self) -> None:
@@ -495,7 +479,7 @@ class UpstreamEngine:
         client is the caller's to close."""
         self._closed = True
         for response in list(self._open):
-            await self._close_response(response)
+            self._close_response(response)
 
     # -- helpers --------------------------------------------------------------------------------
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], *, give_up: str) -> T:
@@ -520,31 +504,37 @@ class UpstreamEngine:
         except TimeoutError:
             raise EngineUnavailable(give_up) from None
 
-    async def _send(self, http_request: httpx.Request) -> httpx.Response:
+    async def _send(self, path: str, content: bytes, headers: dict[str, str]) -> Response:
         try:
-            response = await self._client.send(http_request, stream=True)
-        except httpx.HTTPError as exc:
-            raise _Retry(EngineUnavailable(f"cannot reach upstream {self.upstream.name}: {self._describe(exc)}")) from None
+            response = await self._client.request(
+                "POST", self._url(path), content=content, headers=headers, timeout=self._timeout
+            )
+        except HTTPError as exc:
+            raise _Retry(
+                EngineUnavailable(f"cannot reach upstream {self.upstream.name}: {self._describe(exc)}")
+            ) from None
         self._open.add(response)
         return response
 
-    async def _close_response(self, response: httpx.Response) -> None:
+    def _close_response(self, response: Response) -> None:
         self._open.discard(response)
-        await response.aclose()
+        response.close()
 
-    async def _refusal(self, response: httpx.Response, prompt_estimate: int) -> Exception:
+    async def _refusal(self, response: Response, prompt_estimate: int) -> Exception:
         """The error (or `_Retry`) for a non-200 answer, with the upstream's own message."""
-        status = response.status_code
+        status = response.status
         raw = await _read_capped(response)
         try:
             detail = _error_detail(json.loads(raw), raw.decode("utf-8", "replace"))
         except ValueError:
             detail = {"message": raw.decode("utf-8", "replace"), "code": None}
-        said = self._clean(detail["message"]) or response.reason_phrase
+        said = self._clean(detail["message"]) or response.reason
         name = self.upstream.name
         if status == 429:
             wait = _retry_after(response.headers.get("retry-after"))
-            return _Retry(EngineOverloaded(f"upstream {name} is rate limiting (429): {said}", retry_after=wait), wait=wait)
+            return _Retry(
+                EngineOverloaded(f"upstream {name} is rate limiting (429): {said}", retry_after=wait), wait=wait
+            )
         if status >= 500:
             return _Retry(EngineUnavailable(f"upstream {name} answered {status}: {said}"))
         if detail["code"] in _CONTEXT_CODES:
@@ -567,7 +557,7 @@ class UpstreamEngine:
         return EngineUnavailable(f"upstream {self.upstream.name} failed: {said}")
 
     def _headers(self, *, stream: bool) -> dict[str, str]:
-        headers = {"Accept": "text/event-stream" if stream else "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
         if self._key is not None:
             headers["Authorization"] = f"Bearer {self._key}"
         return headers
@@ -601,60 +591,133 @@ def _same(a: Upstream, b: Upstream) -> bool:
     return replace(a, updated_at=0.0) == replace(b, updated_at=0.0)
 
 
-async def _chain(head: list[Piece], rest: AsyncGenerator[Piece, None]) -> AsyncIterator[Piece]:
-    for piece in head:
-        yield piece
-        if piece[0] == "done":
-            return
-    async for piece in rest:
-        yield piece
+class _Stream:
+    """An upstream's server-sent events, read as pieces: text, finish reasons, usage, an error
+    or the end."""
+
+    def __init__(self, response: Response, chat: bool) -> None:
+        self.response = response
+        self._chat = chat
+        self._events = _SSE()
+
+    async def next(self) -> list[Piece]:
+        """The pieces of the next bytes to arrive; [] at the end of the body. A batch stops at
+        its "done" or "error" piece, and after a "done" the body has been read to its end."""
+        while True:
+            data = await self.response.next_chunk()
+            pieces = _pieces(self._events.feed(data) if data else self._events.end(), self._chat)
+            if pieces and pieces[-1][0] == "done":
+                await _drain(self.response)
+            if pieces or not data:
+                return pieces
 
 
-async def _sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """(event name, data) of each server-sent event; the name is "message" when none is given."""
-    event, data = "", []
-    async for line in response.aiter_lines():
-        if not line:
-            if data:
-                yield event or "message", "\n".join(data)
-            event, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "data":
-            data.append(value)
-        elif field == "event":
-            event = value
-    if data:
-        yield event or "message", "\n".join(data)
+class _SSE:
+    """Server-sent events from a body's bytes as they arrive: (event name, data). The name is
+    "message" when none is given; lines end in LF, CRLF or CR."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._event = ""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        buffer = self._rest + chunk if self._rest else chunk
+        if b"\r" in buffer:
+            held = buffer.endswith(b"\r")  # maybe the first half of a CRLF
+            buffer = buffer[:-1] if held else buffer
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
+        lines = buffer.split(b"\n")
+        self._rest = lines.pop()
+        if len(self._rest) > _MAX_EVENT or sum(map(len, self._data)) > _MAX_EVENT:
+            raise TooLarge(f"a server-sent event is larger than {_MAX_EVENT} bytes")
+        return self._lines(lines)
+
+    def end(self) -> list[tuple[str, bytes]]:
+        """The events still held once the body has ended (a last one without its blank line)."""
+        lines = [self._rest.rstrip(b"\r")] if self._rest else []
+        self._rest = b""
+        return self._lines([*lines, b""])
+
+    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
+        events = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append((self._event or "message", b"\n".join(self._data)))
+                self._event, self._data = "", []
+            elif line[0] != 58:  # ":" starts a comment
+                field, _, value = line.partition(b":")
+                value = value[1:] if value[:1] == b" " else value
+                if field == b"data":
+                    self._data.append(value)
+                elif field == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
 
 
-async def _drain(events: AsyncIterator[tuple[str, str]]) -> None:
-    """Read the rest of a finished stream (its last chunk, usually nothing more), so that httpx
-    returns the connection to the pool instead of dropping it: otherwise every request opens a
+def _pieces(events: list[tuple[str, bytes]], chat: bool) -> list[Piece]:
+    """What the events say, up to and including a "done" or an "error"."""
+    pieces: list[Piece] = []
+    for event, data in events:
+        if data.strip() == b"[DONE]":
+            pieces.append(("done", None))
+            return pieces
+        try:
+            obj = _decode(data)
+        except msgspec.DecodeError:
+            obj = None
+        if event == "error" or (isinstance(obj, dict) and "error" in obj):
+            pieces.append(("error", _error_detail(obj, data.decode("utf-8", "replace"))))
+            return pieces
+        if not isinstance(obj, dict):
+            pieces.append(("error", {"message": "sent an event that is not a JSON object", "code": None}))
+            return pieces
+        if isinstance(obj.get("usage"), dict):
+            pieces.append(("usage", obj["usage"]))
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            if chat:
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else None
+            else:
+                text = choice.get("text")
+            if isinstance(text, str) and text:
+                pieces.append(("text", text))
+            if isinstance(choice.get("finish_reason"), str):
+                pieces.append(("finish", choice["finish_reason"]))
+    return pieces
+
+
+async def _drain(response: Response) -> None:
+    """Read the rest of a finished stream (its last chunk, usually here already), so that the
+    connection goes back to the pool instead of being closed: otherwise every request opens a
     new connection, and a new TLS handshake to an https upstream. Bounded: an upstream that
     keeps talking after `[DONE]` is cut off."""
-    with contextlib.suppress(TimeoutError, httpx.HTTPError, httpx.StreamError):
+    if response.complete:
+        return
+    with contextlib.suppress(TimeoutError, HTTPError):
         async with asyncio.timeout(_DRAIN_SECONDS):
             seen = 0
-            async for _ in events:
-                seen += 1
-                if seen > _DRAIN_EVENTS:
+            while data := await response.next_chunk():
+                seen += len(data)
+                if seen > _DRAIN_BYTES:
                     return
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def _read_capped(response: Response) -> bytes:
     body = b""
     try:
-        async for chunk in response.aiter_bytes():
+        while len(body) < _MAX_ERROR_BODY and (chunk := await response.next_chunk()):
             body += chunk
-            if len(body) >= _MAX_ERROR_BODY:
-                break
-    except (httpx.HTTPError, httpx.StreamError):
+    except HTTPError:
         pass  # the status says enough
     return body[:_MAX_ERROR_BODY]
+
+
+_json_bytes = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 def _error_detail(obj: Any, raw: str) -> dict[str, Any]:
@@ -688,6 +751,7 @@ def _retry_after(value: str | None) -> float:
 def _usage(usage: dict[str, Any] | None, prompt_estimate: int, chunks: int) -> tuple[int, int, int]:
     """(prompt, completion, cached) tokens as the upstream reports them, else estimated (one
     token per streamed chunk, which is how OpenAI-compatible servers stream)."""
+
     def count(value: Any, fallback: int) -> int:
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else fallback
 

@@ -204,6 +204,113 @@ def m005_model_pins(db: sqlite_utils.Database) -> None:
     db["model_pins"].create({"name": str, "pinned": int, "updated_at": float}, pk="name", not_null={"pinned", "updated_at"})
 
 
+@migration(6)
+def m006_checks_alerts_feedback(db: sqlite_utils.Database) -> None:
+    """Scheduled checks and their history, per-check state (rolling baselines, cursors),
+    alerts and their deliveries, user feedback on responses, golden-set runs and baselines,
+    drift baselines, and answer retention beside prompt retention."""
+    db["check_runs"].create(
+        {
+            "id": int,
+            "check_name": str,
+            "trigger": str,  # schedule | manual
+            "started_at": float,
+            "duration_ms": float,
+            "cpu_seconds": float,  # of the process while it ran (threads included)
+            "status": str,  # ok | warn | fail | error
+            "summary": str,
+            "findings": str,  # JSON list of {subject, status, summary, details}
+        },
+        pk="id",
+        not_null={"check_name", "trigger", "started_at", "status"},
+    )
+    db["check_runs"].create_index(["check_name", "started_at"])
+    db["check_state"].create(
+        {"check_name": str, "subject": str, "state": str, "updated_at": float},
+        pk=("check_name", "subject"),
+        not_null={"state", "updated_at"},
+    )
+    db["alerts"].create(
+        {
+            "id": int,
+            "rule": str,
+            "check_name": str,
+            "subject": str,
+            "severity": str,  # warn | fail
+            "state": str,  # open | resolved
+            "summary": str,
+            "details": str,  # JSON
+            "opened_at": float,
+            "last_sent_at": float,
+            "resolved_at": float,
+            "sends": int,
+        },
+        pk="id",
+        not_null={"rule", "check_name", "subject", "severity", "state", "opened_at"},
+    )
+    db.execute("CREATE UNIQUE INDEX alerts_one_open ON alerts (rule, check_name, subject) WHERE state = 'open'")
+    db["alert_deliveries"].create(
+        {"id": int, "alert_id": int, "channel": str, "event": str, "ts": float, "ok": int, "error": str},
+        pk="id",
+        not_null={"alert_id", "channel", "event", "ts", "ok"},
+    )
+    db["alert_deliveries"].create_index(["channel", "ts"])
+    # A response's own id (chatcmpl-..., cmpl-...) to its audit record, written with it.
+    db["audit_responses"].create({"response_id": str, "idx": int}, pk="response_id", not_null={"idx"})
+    db["feedback"].create(
+        {
+            "id": str,
+            "response_id": str,
+            "request_idx": int,  # the audit record of the request it is about
+            "key_id": str,  # who gave it
+            "team_id": str,
+            "model": str,
+            "rating": str,  # up | down | 1..5
+            "score": float,  # 0..1: down 0, up 1, n stars (n-1)/4
+            "correction": str,
+            "comment": str,
+            "created_at": float,
+            "audit_idx": int,  # the audit record of the feedback itself
+            "promoted_to": str,  # golden set it became a case of
+        },
+        pk="id",
+        not_null={"response_id", "request_idx", "rating", "score", "created_at"},
+    )
+    db["feedback"].create_index(["response_id"])
+    db["feedback"].create_index(["model", "created_at"])
+    db["golden_runs"].create(
+        {
+            "id": int,
+            "set_name": str,
+            "target": str,  # the model or route scored
+            "trigger": str,
+            "started_at": float,
+            "duration_ms": float,
+            "total": int,
+            "passed": int,
+            "pass_rate": float,
+            "mean_similarity": float,
+            "baseline": int,  # 1: this run set the baseline
+            "results": str,  # JSON list, one per case
+        },
+        pk="id",
+        not_null={"set_name", "target", "started_at", "total", "passed"},
+    )
+    db["golden_runs"].create_index(["set_name", "target", "started_at"])
+    db["golden_baselines"].create(
+        {"set_name": str, "case_id": str, "target": str, "answer": str, "embedding": str, "created_at": float},
+        pk=("set_name", "case_id", "target"),
+        not_null={"answer", "created_at"},
+    )
+    db["drift_baselines"].create(
+        {"kind": str, "window_start": float, "window_end": float, "summary": str, "created_at": float},
+        pk="kind",
+        not_null={"summary", "created_at"},
+    )
+    db.execute("ALTER TABLE api_keys ADD COLUMN answer_retention TEXT")  # none|sha256|redacted|full; NULL: the team's
+    db.execute("ALTER TABLE teams ADD COLUMN answer_retention TEXT")  # NULL: [audit] default_answer_retention
+
+
 def latest_version() -> int:
     return len(MIGRATIONS)
 

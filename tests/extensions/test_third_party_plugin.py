@@ -33,7 +33,7 @@ def test_plugins_list_shows_the_plugin_its_version_and_its_broken_copies(plugin_
     server = plugin_server(_config(tmp_path / "hooks.jsonl"))
     listing = admin(server, "GET", "/admin/plugins").json()
     by_name = {p["name"]: p for p in listing["data"]}
-    assert listing["hookspec"] == "1.0"
+    assert listing["hookspec"] == "1.1"
     sample = by_name["sample"]
     assert (sample["version"], sample["source"], sample["status"]) == ("0.3.1", "appliance-sample-plugin", "active")
     assert {"prepare_request", "check_response", "on_usage", "on_audit_event"} <= set(sample["hooks"])
@@ -179,7 +179,7 @@ def test_observers_get_committed_records_and_admin_routes_answer(plugin_server: 
     while not any(e["request_id"] == request_id for e in _log_lines(log, "on_audit_event")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert any(e["request_id"] == request_id and e["kind"] == "request" for e in _log_lines(log, "on_audit_event"))
-    assert _log_lines(log, "startup") == [{"hookspec": "1.0"}]
+    assert _log_lines(log, "startup") == [{"hookspec": "1.1"}]
 
     echo = admin(server, "POST", "/admin/plugins/sample/routes/echo", params={"a": "1"}, json={"b": [2]})
     assert echo.status_code == 200 and echo.json() == {"query": {"a": "1"}, "body": {"b": [2]}}

@@ -193,3 +193,31 @@ def test_routes_cli_lists_shows_explains_and_deletes_through_the_socket(pair: Pa
     actions = [r["body"]["action"] for r in admin(pair.front, "GET", "/admin/audit", params={"kind": "admin", "limit": 1000})
                .json()["data"] if r["body"].get("target") == "cli-route"]
     assert actions == ["routes.set", "routes.delete"]
+
+
+def test_no_canary_secret_reaches_a_log_a_metric_an_error_or_a_check_finding(pair: Pair) -> None:
+    """Traffic with a canary key (the front's staff key) through a canary upstream secret (the
+    front's key at the peer), failures included; then every check runs and /metrics is
+    scraped. Neither secret is in any of it."""
+    front, canary_key = pair.front, pair.front.user_key
+    run_cli("routes", "set", "remote", "--candidate", PEER_MODEL, data_dir=front.data_dir)
+    said = [chat(front, "remote").text, chat(front, MODEL_NAME, stream=True).text, chat(front, "no-such-model").text]
+    for bad in (canary_key + "x", canary_key[:-1], f"{canary_key} {canary_key}"):
+        said.append(httpx.get(front.base_url + "/models", headers={"Authorization": f"Bearer {bad}"}, timeout=30).text)
+    said.append(httpx.post(front.base_url + "/chat/completions", content=b"{" + canary_key.encode(),
+                           headers={"Authorization": f"Bearer {canary_key}"}, timeout=30).text)
+    checks = [c["name"] for c in admin(front, "GET", "/admin/checks").json()["data"]]
+    assert {"canary", "upstreams", "host", "sqlite", "audit_chain"} <= set(checks)
+    runs = [admin(front, "POST", f"/admin/checks/{name}/run").json() for name in checks]
+    upstreams = next(r for r in runs if r["check"] == "upstreams")
+    assert {f["subject"]: f["status"] for f in upstreams["findings"]}.get("peer") == "ok"  # it used the key
+    metrics = admin(front, "GET", "/metrics")
+    assert metrics.status_code == 200 and "appliance_requests_total" in metrics.text
+    texts = [
+        *said, json.dumps(runs), metrics.text, admin(front, "GET", "/admin/checks/history", params={"limit": 1000}).text,
+        admin(front, "GET", "/admin/alerts").text, front.log_text(), pair.peer.log_text(),
+    ]
+    for text in texts:
+        for secret in (canary_key, pair.peer_key, front.admin_key):
+            assert secret not in text
+            assert secret.split("_")[-1] not in text  # nor its secret part, cut from its prefix

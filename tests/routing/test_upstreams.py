@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from appliance.errors import ConfigError, InvalidRequest, NotFound
 from appliance.routing.secrets import SecretBox
+from appliance.routing.upstream_http import UpstreamClient
 from appliance.routing.upstream_registry import KEEP, Upstream, UpstreamRegistry
 from appliance.routing.upstreams import UpstreamEngine, UpstreamEngines, engines_for, upstream_client
 from appliance.store import Store
@@ -179,7 +180,7 @@ HELLO = stream(delta(role="assistant"), delta("Hello"), delta(" world"), delta(f
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[UpstreamClient]:
     async with upstream_client() as c:
         yield c
 
@@ -199,7 +200,7 @@ async def fault() -> AsyncIterator[Callable[..., Awaitable[FaultServer]]]:
 
 
 def fault_engine(
-    server: FaultServer, client: httpx.AsyncClient, *, timeout: float = 10, retries: int = 2, key: str | None = SECRET
+    server: FaultServer, client: UpstreamClient, *, timeout: float = 10, retries: int = 2, key: str | None = SECRET
 ) -> UpstreamEngine:
     upstream = Upstream(
         name="faulty", base_url=server.url, models=("m",), timeout_seconds=timeout, max_retries=retries, has_key=bool(key)
@@ -214,7 +215,7 @@ def assert_secret_free(exc: BaseException | None, *secrets: str) -> None:
 
 
 # -- the engine against faults --------------------------------------------------------------------
-async def test_503_twice_is_retried_and_the_request_is_sent_as_openai_expects(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_503_twice_is_retried_and_the_request_is_sent_as_openai_expects(fault: Any, client: UpstreamClient) -> None:
     server = await fault(answer(503, oai_error("warming up")), answer(503, oai_error("warming up")), HELLO)
     engine = fault_engine(server, client)
     assert isinstance(engine, Engine) and engine.remote
@@ -243,7 +244,7 @@ async def test_503_twice_is_retried_and_the_request_is_sent_as_openai_expects(fa
 
 
 @pytest.mark.parametrize("retries", [0, 2])
-async def test_retries_are_bounded(fault: Any, client: httpx.AsyncClient, retries: int) -> None:
+async def test_retries_are_bounded(fault: Any, client: UpstreamClient, retries: int) -> None:
     server = await fault(answer(503, oai_error("down for maintenance")))
     engine = fault_engine(server, client, retries=retries)
     with pytest.raises(EngineUnavailable, match="503") as caught:
@@ -254,7 +255,7 @@ async def test_retries_are_bounded(fault: Any, client: httpx.AsyncClient, retrie
     assert not health.ok and "503" in health.detail
 
 
-async def test_connection_refused_is_retried_then_unavailable(client: httpx.AsyncClient) -> None:
+async def test_connection_refused_is_retried_then_unavailable(client: UpstreamClient) -> None:
     upstream = Upstream(name="gone", base_url=f"http://127.0.0.1:{free_port()}/v1", models=("m",), max_retries=2)
     engine = UpstreamEngine(upstream, "m", client=client, backoff_base=0.01, backoff_cap=0.05)
     with pytest.raises(EngineUnavailable, match="cannot reach upstream gone"):
@@ -262,7 +263,7 @@ async def test_connection_refused_is_retried_then_unavailable(client: httpx.Asyn
     assert engine.stats().extra["retries"] == 2
 
 
-async def test_429_with_retry_after_past_the_deadline_is_overloaded_at_once(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_429_with_retry_after_past_the_deadline_is_overloaded_at_once(fault: Any, client: UpstreamClient) -> None:
     server = await fault(answer(429, oai_error("slow down", "rate_limit_exceeded"), {"Retry-After": "120"}))
     with pytest.raises(EngineOverloaded) as caught:
         await collect(fault_engine(server, client, timeout=5), chat())
@@ -270,13 +271,13 @@ async def test_429_with_retry_after_past_the_deadline_is_overloaded_at_once(faul
     assert server.attempts == 1
 
 
-async def test_429_with_a_short_retry_after_is_retried(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_429_with_a_short_retry_after_is_retried(fault: Any, client: UpstreamClient) -> None:
     server = await fault(answer(429, oai_error("slow down"), {"Retry-After": "0"}), HELLO)
     events = await collect(fault_engine(server, client), chat())
     assert text_of(events) == "Hello world" and server.attempts == 2
 
 
-async def test_context_length_exceeded_is_context_overflow(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_context_length_exceeded_is_context_overflow(fault: Any, client: UpstreamClient) -> None:
     message = "This model's maximum context length is 4096 tokens."
     server = await fault(answer(400, oai_error(message, "context_length_exceeded")))
     with pytest.raises(ContextOverflow, match="maximum context length is 4096") as caught:
@@ -284,7 +285,7 @@ async def test_context_length_exceeded_is_context_overflow(fault: Any, client: h
     assert server.attempts == 1 and caught.value.limit == 8192
 
 
-async def test_other_4xx_is_an_invalid_request_with_the_upstreams_scrubbed_message(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_other_4xx_is_an_invalid_request_with_the_upstreams_scrubbed_message(fault: Any, client: UpstreamClient) -> None:
     said = f"temperature too hot; your key {ODD_SECRET} and another sk-live-9f8e7d6c5b4a39281706abcdefABCDEF12"
     server = await fault(answer(422, oai_error(said)))
     engine = fault_engine(server, client, key=ODD_SECRET)
@@ -295,7 +296,7 @@ async def test_other_4xx_is_an_invalid_request_with_the_upstreams_scrubbed_messa
     assert engine.health().ok  # the caller's mistake says nothing about the upstream
 
 
-async def test_refused_credentials_are_unavailable_and_never_echo_the_key(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_refused_credentials_are_unavailable_and_never_echo_the_key(fault: Any, client: UpstreamClient) -> None:
     server = await fault(answer(401, oai_error(f"Incorrect API key provided: Bearer {SECRET}", "invalid_api_key")))
     with pytest.raises(EngineUnavailable, match="credentials") as caught:
         await collect(fault_engine(server, client), chat())
@@ -305,7 +306,7 @@ async def test_refused_credentials_are_unavailable_and_never_echo_the_key(fault:
 
 @pytest.mark.parametrize("behaviour", [hang(), stream(delta(role="assistant"), then="hang")], ids=["no-headers", "no-token"])
 async def test_no_first_token_within_the_deadline_is_unavailable(
-    fault: Any, client: httpx.AsyncClient, behaviour: Behaviour
+    fault: Any, client: UpstreamClient, behaviour: Behaviour
 ) -> None:
     server = await fault(behaviour)
     engine = fault_engine(server, client, timeout=1, retries=2)
@@ -323,7 +324,7 @@ async def test_no_first_token_within_the_deadline_is_unavailable(
     ],
     ids=["event-error", "data-error"],
 )
-async def test_an_error_event_after_tokens_finishes_with_error(fault: Any, client: httpx.AsyncClient, ending: str) -> None:
+async def test_an_error_event_after_tokens_finishes_with_error(fault: Any, client: UpstreamClient, ending: str) -> None:
     server = await fault(stream(delta("one"), delta(" two"), ending))
     events = await collect(fault_engine(server, client), chat())
     assert text_of(events) == "one two"
@@ -335,7 +336,7 @@ async def test_an_error_event_after_tokens_finishes_with_error(fault: Any, clien
 
 
 @pytest.mark.parametrize("then", ["drop", "close"])
-async def test_a_stream_cut_after_tokens_finishes_with_error(fault: Any, client: httpx.AsyncClient, then: str) -> None:
+async def test_a_stream_cut_after_tokens_finishes_with_error(fault: Any, client: UpstreamClient, then: str) -> None:
     server = await fault(stream(delta("one"), delta(" two"), then=then))
     engine = fault_engine(server, client)
     events = await collect(engine, chat())
@@ -346,7 +347,7 @@ async def test_a_stream_cut_after_tokens_finishes_with_error(fault: Any, client:
     assert not engine.health().ok
 
 
-async def test_a_completion_without_usage_is_estimated_and_length_is_kept(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_a_completion_without_usage_is_estimated_and_length_is_kept(fault: Any, client: UpstreamClient) -> None:
     server = await fault(
         stream({"choices": [{"index": 0, "text": "a b"}]}, {"choices": [{"index": 0, "text": " c", "finish_reason": "length"}]}, DONE)
     )
@@ -360,7 +361,7 @@ async def test_a_completion_without_usage_is_estimated_and_length_is_kept(fault:
     assert "authorization" not in server.seen[0].headers
 
 
-async def test_closing_the_iterator_hangs_up_on_the_upstream(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_closing_the_iterator_hangs_up_on_the_upstream(fault: Any, client: UpstreamClient) -> None:
     server = await fault(stream(delta("first"), then="hang"))
     engine = fault_engine(server, client)
     events = engine.generate(chat())
@@ -370,7 +371,7 @@ async def test_closing_the_iterator_hangs_up_on_the_upstream(fault: Any, client:
     assert engine.stats().active_sequences == 0
 
 
-async def test_close_ends_streams_in_flight_with_error(fault: Any, client: httpx.AsyncClient) -> None:
+async def test_close_ends_streams_in_flight_with_error(fault: Any, client: UpstreamClient) -> None:
     server = await fault(stream(delta("first"), then="hang"))
     engine = fault_engine(server, client)
     async with aclosing(engine.generate(chat())) as events:
@@ -404,12 +405,12 @@ def peer(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator
         stop_server(proc)
 
 
-def peer_engine(peer: Peer, client: httpx.AsyncClient, *, key: str | None = None) -> UpstreamEngine:
+def peer_engine(peer: Peer, client: UpstreamClient, *, key: str | None = None) -> UpstreamEngine:
     upstream = Upstream(name="peer", base_url=peer.url, models=(MODEL_NAME,), has_key=True, timeout_seconds=60)
     return UpstreamEngine(upstream, MODEL_NAME, client=client, api_key=key or peer.key, context_length=1024)
 
 
-async def test_a_chat_streams_through_a_real_appliance_with_its_usage(peer: Peer, client: httpx.AsyncClient) -> None:
+async def test_a_chat_streams_through_a_real_appliance_with_its_usage(peer: Peer, client: UpstreamClient) -> None:
     engine = peer_engine(peer, client)
     request = chat("Name three colours.", max_tokens=12, sampling=SamplingParams(temperature=0.0))
     events = await collect(engine, request)
@@ -429,7 +430,7 @@ async def test_a_chat_streams_through_a_real_appliance_with_its_usage(peer: Peer
     assert engine.served_files == {"upstream": "peer", "base_url": peer.url, "model": MODEL_NAME}
 
 
-async def test_a_completion_streams_through_a_real_appliance(peer: Peer, client: httpx.AsyncClient) -> None:
+async def test_a_completion_streams_through_a_real_appliance(peer: Peer, client: UpstreamClient) -> None:
     events = await collect(
         peer_engine(peer, client), GenerationRequest(max_tokens=6, prompt="The capital of France is", sampling=SamplingParams(temperature=0.0))
     )
@@ -438,18 +439,18 @@ async def test_a_completion_streams_through_a_real_appliance(peer: Peer, client:
     assert end.prompt_tokens > 0
 
 
-async def test_embeddings_through_a_real_appliance(peer: Peer, client: httpx.AsyncClient) -> None:
+async def test_embeddings_through_a_real_appliance(peer: Peer, client: UpstreamClient) -> None:
     result = await peer_engine(peer, client).embed(["a cat sat", "on the mat"])
     assert len(result.vectors) == 2 and result.prompt_tokens > 0
     assert all(math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-5) for v in result.vectors)
 
 
-async def test_a_prompt_too_long_for_the_real_appliance_is_context_overflow(peer: Peer, client: httpx.AsyncClient) -> None:
+async def test_a_prompt_too_long_for_the_real_appliance_is_context_overflow(peer: Peer, client: UpstreamClient) -> None:
     with pytest.raises(ContextOverflow):
         await collect(peer_engine(peer, client), chat(max_tokens=5000))
 
 
-async def test_a_wrong_key_for_the_real_appliance_is_refused_without_showing_it(peer: Peer, client: httpx.AsyncClient) -> None:
+async def test_a_wrong_key_for_the_real_appliance_is_refused_without_showing_it(peer: Peer, client: UpstreamClient) -> None:
     wrong = "apl_0123456789ab_" + "Q" * 43
     engine = peer_engine(peer, client, key=wrong)
     with pytest.raises(EngineUnavailable, match="credentials") as caught:
@@ -582,7 +583,7 @@ def test_a_read_only_registry_refuses_changes(store: Store) -> None:
         UpstreamRegistry(store).set("u", base_url="http://h", models=["m"], api_key=KEEP, actor=ACTOR)
 
 
-async def test_engines_for_builds_one_engine_per_model_with_its_key(registry: UpstreamRegistry, client: httpx.AsyncClient) -> None:
+async def test_engines_for_builds_one_engine_per_model_with_its_key(registry: UpstreamRegistry, client: UpstreamClient) -> None:
     registry.set("a", base_url="http://127.0.0.1:1/v1", models=["x", "y"], api_key=ODD_SECRET, actor=ACTOR)
     registry.set("b", base_url="http://127.0.0.1:2", models=["z"], actor=ACTOR)
     engines = engines_for(registry, client)
@@ -604,7 +605,7 @@ class Prices:
         self.book.pop(model, None)
 
 
-async def test_upstream_engines_follow_the_registry(registry: UpstreamRegistry, client: httpx.AsyncClient) -> None:
+async def test_upstream_engines_follow_the_registry(registry: UpstreamRegistry, client: UpstreamClient) -> None:
     prices = Prices()
     engines = UpstreamEngines(registry, client, prices=prices)
     assert engines.names() == [] and engines.get("a/x") is None

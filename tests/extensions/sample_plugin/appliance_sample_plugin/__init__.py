@@ -72,7 +72,12 @@ def on_audit_event(event):
 
 @hookimpl
 def register_checks(register):
-    register(Check("sample-check", lambda: {"ok": True}, interval_seconds=60))
+    def run():
+        _maybe_break("check")
+        status = config.get("check_status", "ok")
+        return {"status": status, "summary": f"the sample says {status}", "widgets": 3}
+
+    register(Check("sample-check", run, interval_seconds=int(config.get("check_interval", 3600))))
 
 
 @hookimpl
