@@ -1,4 +1,4 @@
-"""`appliance checks list|run|history` and `appliance alerts list|show|channels|test`: through
+"""`appliance checks list|run|history` and `appliance alerts list|channels|test`: through
 the running server's admin socket; the history and alerts are read from the database when the
 server does not run."""
 
@@ -28,6 +28,13 @@ def _live(settings: Settings, *, timeout: float | None = None) -> LocalAdmin | N
         return probe
     probe.close()
     return LocalAdmin(settings.paths.admin_socket, timeout=timeout)
+
+
+def _running_server(settings: Settings) -> LocalAdmin:
+    live = _live(settings)
+    if live is None:
+        raise ServiceUnavailable("the server is not running: channels are registered inside it")
+    return live
 
 
 def _when(ts: float | None) -> str:
@@ -165,11 +172,7 @@ def list_alerts_command(state: str | None, check: str | None, data_dir: Path | N
 @handled
 def channels(data_dir: Path | None, as_json: bool) -> None:
     """The channels of the running server, with their delivery record."""
-    settings = load_settings(data_dir)
-    live = _live(settings)
-    if live is None:
-        raise ServiceUnavailable("the server is not running: channels are registered inside it")
-    with live:
+    with _running_server(load_settings(data_dir)) as live:
         data = live.request("GET", "/admin/alerts/channels")["data"]
     if as_json:
         emit({"object": "list", "data": data})
@@ -188,11 +191,7 @@ def channels(data_dir: Path | None, as_json: bool) -> None:
 @handled
 def test(name: str, data_dir: Path | None, as_json: bool) -> None:
     """Send a test alert on channel NAME; exits 1 when it is not delivered."""
-    settings = load_settings(data_dir)
-    live = _live(settings)
-    if live is None:
-        raise ServiceUnavailable("the server is not running: channels are registered inside it")
-    with live:
+    with _running_server(load_settings(data_dir)) as live:
         result = live.request("POST", f"/admin/alerts/channels/{name}/test")
     if as_json:
         emit(result)

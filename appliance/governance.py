@@ -192,7 +192,7 @@ class Governance:
         audit_fn = self.audit.append_fn(
             "request", body, key_id=p.key_id if p else None, team_id=p.team_id if p else None, ts=now, content=content
         )
-        if ctx.response_id is not None:
+        if ctx.response_id is not None and status < 400:  # a refused request's id never reached its client
             audit_fn = _indexed(audit_fn, ctx.response_id)
         if usage is None:
             return audit_fn, lambda: None

@@ -20,6 +20,7 @@ from appliance.errors import ServiceUnavailable
 
 OPERATE = roles(Role.OPERATOR)
 READ = roles(Role.OPERATOR, Role.AUDITOR)
+RowId = Annotated[int, Parameter(ge=1, le=2**53, description="an alert's id")]  # exact in JSON numbers, within SQLite's range
 
 
 class AlertOut(Out):
@@ -102,7 +103,7 @@ async def list_alerts(
 
 
 @get("/admin/alerts/{alert_id:int}", opt=READ, name="alerts:show", responses=errors(404, 503))
-async def show_alert(alert_id: FromPath[int], services: ServicesDep) -> AlertDetail:
+async def show_alert(alert_id: FromPath[RowId], services: ServicesDep) -> AlertDetail:
     """One alert and every attempt to deliver it."""
     alerts = engine(services)
     entry = alerts.get(alert_id) | {"deliveries": alerts.deliveries(alert_id)}

@@ -105,7 +105,7 @@ async def check_history(
     services: ServicesDep,
     check: Annotated[str | None, Parameter(max_length=128, description="only this check's runs")] = None,
     limit: Limit = 50,
-    before_id: Annotated[int | None, Parameter(ge=1, description="runs older than this id (paging)")] = None,
+    before_id: Annotated[int | None, Parameter(ge=1, le=2**53, description="runs older than this id (paging)")] = None,
 ) -> CheckRunList:
     """Stored runs, newest first (kept `[checks] history_days`, at most `history_runs` per check)."""
     runs = scheduler(services).history(check, limit=limit, before_id=before_id)
