@@ -334,6 +334,16 @@ class ModelPool(EnginePool):
         freed = resident.need.total_bytes if resident else 0
         await self._record(actor, "models.unload", name, loaded=False, before=True, reason=reason, memory_bytes=freed)
 
+    async def reload(self, name: str, *, reason: str) -> Loaded:
+        """Unload `name` (when resident) and load it again, as the pool's own act (system
+        records "model.unloaded" and "model.loaded"): auto-recovery. Raises what `load` raises,
+        and `Conflict` while it is being loaded."""
+        self._known(name)
+        if name in self._loading:
+            raise Conflict(f"The model {name} is being loaded.")
+        await self._unload(name, POOL_ACTOR, reason=reason)
+        return await self.load(name, actor=POOL_ACTOR)
+
     async def unload_idle(self) -> list[str]:
         """Unload every unpinned model idle for longer than its `idle_unload_seconds`."""
         now = time.monotonic()

@@ -74,7 +74,7 @@ class DataPaths:
     def ensure(self) -> None:
         """Create the directories, owner-only where secrets live."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for sub in (self.models, self.backups):
-            sub.mkdir(exist_ok=True)
-        self.keys.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.keys, 0o700)
+        self.models.mkdir(exist_ok=True)
+        for private in (self.keys, self.backups):  # backups are whole copies of the database
+            private.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(private, 0o700)

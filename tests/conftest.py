@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -124,6 +125,19 @@ def stop_server(proc: subprocess.Popen[bytes]) -> int:
 def init_data_dir(data_dir: Path, model: Path) -> str:
     out = run_cli("init", "--model", str(model), "--model-name", MODEL_NAME, "--json", data_dir=data_dir)
     return str(json.loads(out.stdout)["admin_key"])
+
+
+@contextlib.contextmanager
+def own_server(data_dir: Path, model: Path, config: str) -> Iterator[Server]:
+    """A server of a test module's own, on a fresh data directory with `config`, stopped after."""
+    (data_dir / "appliance.toml").write_text(config)
+    admin_key = init_data_dir(data_dir, model)
+    proc, url, log_path = start_server(data_dir)
+    server = Server(url, data_dir, admin_key, "", proc, log_path)
+    try:
+        yield server
+    finally:
+        stop_server(server.process)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ def test_init_is_idempotent_and_shows_the_admin_key_once(tmp_path: Path, model_p
     models = json.loads(run_cli("models", "list", "--json", data_dir=tmp_path).stdout)
     assert [m["name"] for m in models] == [MODEL_NAME]
     assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "backups").stat().st_mode & 0o777 == 0o700  # whole copies of the database
 
 
 def test_models_add_list_remove(tmp_path: Path, model_path: Path) -> None:

@@ -8,8 +8,6 @@ shared connection, which authentication reads through, is never held open by the
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import AsyncIterator, Iterator
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -19,6 +17,7 @@ from litestar.params import FromQuery, JSONBody, Parameter
 from litestar.response import Stream
 
 from appliance.api.context import admin_actor, epoch, request_context
+from appliance.api.export_stream import export_stream
 from appliance.api.responses import (
     AuditList,
     AuditRecordOut,
@@ -43,7 +42,6 @@ from appliance.store import Store
 
 ADMIN = roles(Role.ADMIN)
 READ_GOVERNANCE = roles(Role.AUDITOR)
-_EXPORT_BATCH = 500
 Limit = Annotated[int, Parameter(ge=1, le=MAX_QUERY_LIMIT)]
 # schema_extra: litestar leaves a bound of 0 out of the document.
 After = Annotated[int | None, Parameter(ge=0, le=2**53, schema_extra={"minimum": 0})]
@@ -123,27 +121,9 @@ async def export_audit(
 ) -> Stream:
     start = epoch(since, "since") if since is not None else None
     end = epoch(until, "until") if until is not None else None
-    lines = _export_lines(services.store, start, end, format)
+    lines = export_stream(services.store, lambda conn: export_records(conn, since=start, until=end, fmt=format))  # type: ignore[arg-type]
     media = "application/x-ndjson" if format == "jsonl" else "text/csv"
     return Stream(lines, media_type=media, headers={"content-disposition": f"attachment; filename=audit.{format}"})
-
-
-async def _export_lines(store: Store, since: float | None, until: float | None, fmt: str) -> AsyncIterator[str]:
-    """The export in batches read in a worker thread; the connection closes at the end, or when
-    the client goes away (the stream is then closed, and this generator with it)."""
-    snapshot = store.snapshot()
-    conn = await asyncio.to_thread(snapshot.__enter__)
-    lines: Iterator[str] = export_records(conn, since=since, until=until, fmt=fmt)  # type: ignore[arg-type]
-    try:
-        while batch := await asyncio.to_thread(lambda: list(itertools.islice(lines, _EXPORT_BATCH))):
-            yield "".join(batch)
-    finally:
-        await asyncio.to_thread(_close, lines, snapshot)
-
-
-def _close(lines: Iterator[str], snapshot: Any) -> None:
-    lines.close()  # type: ignore[attr-defined]
-    snapshot.__exit__(None, None, None)
 
 
 @post("/admin/audit/checkpoint", opt=READ_GOVERNANCE, name="audit:checkpoint", status_code=201, responses=errors(409))

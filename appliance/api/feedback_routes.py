@@ -4,8 +4,6 @@ export and promote feedback (appliance/feedback.py)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -14,18 +12,17 @@ from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import Stream
 
 from appliance.api.context import change, epoch
+from appliance.api.export_stream import export_stream
 from appliance.api.responses import FeedbackInfo, FeedbackList, FeedbackOut, PromotionOut, errors
 from appliance.api.schemas import FeedbackRequest, PromoteRequest
 from appliance.api.security import ANY_ROLE, roles
 from appliance.api.services import Services, ServicesDep
 from appliance.auth import Principal, Role
 from appliance.feedback import MAX_LIST, FeedbackService, export_lines
-from appliance.store import Store
 
 READ_FEEDBACK = roles(Role.AUDITOR, Role.OPERATOR)
 CURATE = roles(Role.OPERATOR)  # golden sets are checks: the operator's
 READ_TEXT = roles(Role.AUDITOR)  # prompts and answers, as the audit log's own export
-_EXPORT_BATCH = 200
 Time = Annotated[
     str | None, Parameter(schema_extra={"format": "date-time"}, description="RFC 3339; UTC without an offset")
 ]
@@ -87,28 +84,10 @@ async def export_feedback(
 ) -> Stream:
     """The fine-tuning dataset: one line per rated response (its newest feedback)."""
     start = epoch(since, "since") if since is not None else None
-    lines = _export(services.store, model, start)
+    lines = export_stream(services.store, lambda conn: export_lines(conn, model=model, since=start), batch=200)
     return Stream(
         lines, media_type="application/x-ndjson", headers={"content-disposition": "attachment; filename=feedback.jsonl"}
     )
-
-
-async def _export(store: Store, model: str | None, since: float | None) -> AsyncIterator[str]:
-    """Read in batches in a worker thread, on a connection of its own closed at the end or
-    when the client goes away."""
-    snapshot = store.snapshot()
-    conn = await asyncio.to_thread(snapshot.__enter__)
-    lines: Iterator[str] = export_lines(conn, model=model, since=since)
-    try:
-        while batch := await asyncio.to_thread(lambda: list(itertools.islice(lines, _EXPORT_BATCH))):
-            yield "".join(batch)
-    finally:
-        await asyncio.to_thread(_close, lines, snapshot)
-
-
-def _close(lines: Iterator[str], snapshot: Any) -> None:
-    lines.close()  # type: ignore[attr-defined]
-    snapshot.__exit__(None, None, None)
 
 
 @get("/admin/feedback/{feedback_id:str}", opt=READ_FEEDBACK, name="feedback:get", responses=errors(404))

@@ -87,6 +87,13 @@ class Breaker:
             if len(self._failures) >= self.policy.failures:
                 self._open(now)
 
+    def trip(self, reason: str) -> None:
+        """Open now, whatever the count (a health check's verdict, not one request's failure)."""
+        with self._lock:
+            self.last_error = reason
+            if self._current() != "open":
+                self._open(self._clock())
+
     def release(self) -> None:
         """A probe that ended with neither success nor failure (the client went away)."""
         with self._lock:

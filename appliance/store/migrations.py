@@ -382,7 +382,7 @@ def _peek_version(path: Path) -> int:
 
 
 def _backup(conn: sqlite3.Connection, backups_dir: Path, version: int) -> Path:
-    backups_dir.mkdir(parents=True, exist_ok=True)
+    backups_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     dest = backups_dir / f"appliance-v{version}-{stamp}-{time.time_ns() % 1_000_000:06d}.db"
     target = sqlite3.connect(dest)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from appliance.redaction import redact
-from tests.conftest import MODEL_NAME, Server, init_data_dir, run_cli, start_server, stop_server
+from tests.conftest import MODEL_NAME, Server, own_server, run_cli
 from tests.http_helpers import admin, request_record
 
 # At temperature 0 the default model continues this list with another address.
@@ -36,13 +36,8 @@ CHAT = {
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Server]:
-    data = tmp_path_factory.mktemp("answers")
-    (data / "appliance.toml").write_text("[runtime]\nslots = 2\nctx_per_slot = 1024\n")
-    admin_key = init_data_dir(data, model_path)
-    proc, url, log_path = start_server(data)
-    server = Server(url, data, admin_key, "", proc, log_path)
-    yield server
-    stop_server(server.process)
+    with own_server(tmp_path_factory.mktemp("answers"), model_path, "[runtime]\nslots = 2\nctx_per_slot = 1024\n") as server:
+        yield server
 
 
 def _key(srv: Server, *args: str) -> dict[str, Any]:

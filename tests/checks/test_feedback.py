@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from appliance.audit.retention import sha256_text
-from appliance.feedback import MAX_FEEDBACK_CHARS, messages_of
-from tests.conftest import MODEL_NAME, Server, init_data_dir, run_cli, start_server, stop_server
+from appliance.feedback import MAX_FEEDBACK_CHARS
+from appliance.feedback_promotion import messages_of
+from tests.conftest import MODEL_NAME, Server, init_data_dir, own_server, run_cli, start_server, stop_server
 from tests.http_helpers import admin, request_record
 
 CHAT = {
@@ -35,13 +36,8 @@ KEEP_ALL = ("--prompt-retention", "full", "--answer-retention", "full")
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Server]:
-    data = tmp_path_factory.mktemp("feedback")
-    (data / "appliance.toml").write_text("[runtime]\nslots = 2\nctx_per_slot = 1024\n")
-    admin_key = init_data_dir(data, model_path)
-    proc, url, log_path = start_server(data)
-    server = Server(url, data, admin_key, "", proc, log_path)
-    yield server
-    stop_server(server.process)
+    with own_server(tmp_path_factory.mktemp("feedback"), model_path, "[runtime]\nslots = 2\nctx_per_slot = 1024\n") as server:
+        yield server
 
 
 def _key(server: Server, *args: str) -> dict[str, Any]:

@@ -185,3 +185,17 @@ async def test_the_health_prober_still_closes_a_half_open_breaker_with_the_share
     now[0] += 31
     assert await prober.probe_once() == {"wobbly": "ok"}
     assert breakers.get("wobbly").state == "closed" and prober.canaries == 3
+
+
+def test_a_health_verdict_trips_a_closed_breaker_at_once_and_it_cools_down_as_usual() -> None:
+    now = [1000.0]
+    breaker = Breakers(BreakerPolicy(failures=5, window_seconds=60, cooldown_seconds=30), clock=lambda: now[0]).get("m")
+    breaker.trip("health canary failed 3 times in a row")
+    assert breaker.state == "open" and breaker.last_error == "health canary failed 3 times in a row"
+    assert breaker.times_opened == 1 and not breaker.allow()
+    breaker.trip("again")  # already open: not opened twice, its cooldown not restarted
+    assert breaker.times_opened == 1
+    now[0] += 31
+    assert breaker.state == "half_open" and breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed"

@@ -19,15 +19,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from appliance.audit.log import AuditLog
 from appliance.checks.findings import Finding, fail, warn
 from appliance.checks.registry import CheckContext
-from appliance.errors import ApplianceError, Conflict
-from appliance.model_pool import POOL_ACTOR, ModelPool
-from appliance.routing.breakers import Breaker
+from appliance.model_pool import ModelPool
 from appliance.routing.prober import CanaryResult
 
-__all__ = ["Options", "after_failure", "after_success", "open_breaker", "reload_model", "retry_pending"]
+__all__ = ["Options", "after_failure", "after_success", "retry_pending"]
 
 log = logging.getLogger(__name__)
 CHECK = "canary"  # whose state this is
@@ -68,7 +65,7 @@ def after_failure(
     said = f"canary failed ({failures} in a row): {error}"
     if failures < opts.failures_before_reload:
         return fail(said, name, failures=failures), state
-    open_breaker(ctx.services.breakers.get(name), f"health canary failed {failures} times in a row: {error}")
+    ctx.services.breakers.get(name).trip(f"health canary failed {failures} times in a row: {error}")
     said += "; its circuit breaker is open"
     if not reloadable(ctx.services.pool, ctx, name):
         return fail(f"{said}; it cannot be reloaded (the pool did not load it)", name, failures=failures), state
@@ -105,7 +102,7 @@ def reload_and_probe(
     reason = f"reloaded after {state.get('failures', 0)} failed health canaries"
     details = {"reloads": reloads, "backoff_seconds": wait, "next_reload_at": now + wait}
     try:
-        ctx.on_loop(reload_model(ctx.services.pool, ctx.services.audit, name, reason), opts.reload_timeout)
+        ctx.on_loop(ctx.services.pool.reload(name, reason=reason), opts.reload_timeout)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
         log.error("health check: reloading %s failed: %s", name, exc)
         state = state | {
@@ -134,36 +131,8 @@ def reload_and_probe(
     )
 
 
-def open_breaker(breaker: Breaker, reason: str) -> None:
-    """Open `breaker` through its own API: failures until it opens (a half-open one opens at
-    the first; a closed one once its window is full)."""
-    for _ in range(breaker.policy.failures + 1):
-        if breaker.state == "open":
-            return
-        breaker.failure(reason)
-
-
 def reloadable(pool: ModelPool, ctx: CheckContext, name: str) -> bool:
     return pool.on_demand and ctx.services.models.find(name) is not None
-
-
-async def reload_model(pool: ModelPool, audit: AuditLog, name: str, reason: str) -> None:
-    """Unload `name` (when resident) and load it again: the pool's own unload, as a system
-    record ("model.unloaded", as the pool writes for idle unloads), then its load, which writes
-    "model.loaded". Raises what `ModelPool.load` raises, and `Conflict` while it is loading."""
-    if pool.loading(name):
-        raise Conflict(f"the model {name} is being loaded")
-    memory = pool.memory_bytes(name) or 0
-    engine = pool.remove(name)
-    if engine is not None:
-        await engine.close()
-        log.warning("model %s unloaded: %s", name, reason)
-        body = {"event": "model.unloaded", "model": name, "reason": reason, "memory_bytes": memory}
-        try:
-            await audit.append("system", body, key_id=None, team_id=None)
-        except ApplianceError as exc:  # as the pool does for its own records: logged, the reload goes on
-            log.error("the audit record of unloading %s could not be written: %s", name, exc.message)
-    await pool.load(name, actor=POOL_ACTOR)
 
 
 def _text(exc: BaseException) -> str:
