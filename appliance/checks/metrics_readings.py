@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.checks.findings import STATUSES
-from runtime.gpu import GpuInfo, discover_gpus
+from appliance.checks.health.gpu import GpuReading, read_gpus
 
 if TYPE_CHECKING:
     from appliance.api.services import Services
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 CHECK_STATUS = {s: i for i, s in enumerate(STATUSES)}  # ok 0, warn 1, fail 2, error 3
+MIB = 1024 * 1024
 GPU_READING_SECONDS = 5.0  # NVML is opened for each reading: at most one per this many seconds
 _LATEST_CHECKS = (
     "SELECT r.check_name, r.status, r.started_at, r.duration_ms,"
@@ -44,10 +45,10 @@ _LATEST_GOLDEN = (
 
 
 class Readings(Collector):
-    def __init__(self, services: Services, *, read_gpus: Callable[[], list[GpuInfo]] = discover_gpus) -> None:
+    def __init__(self, services: Services, *, read_gpus: Callable[[], list[Any]] = read_gpus) -> None:
         self.services = services
-        self._read_gpus = read_gpus
-        self._gpus: list[GpuInfo] = []
+        self._read_gpus = read_gpus  # the gpu job's reading: a GpuReading per GPU, or a Finding where none
+        self._gpus: list[GpuReading] = []
         self._gpus_read_at = -GPU_READING_SECONDS
         self._gpu_lock = threading.Lock()
 
@@ -165,25 +166,39 @@ class Readings(Collector):
         temp = GaugeMetricFamily("appliance_gpu_temperature_celsius", "GPU temperature.", labels=labels)
         power = GaugeMetricFamily("appliance_gpu_power_watts", "GPU power draw.", labels=labels)
         busy = GaugeMetricFamily("appliance_gpu_utilization_ratio", "Share of time the GPU was busy.", labels=labels)
+        throttled = GaugeMetricFamily(
+            "appliance_gpu_clocks_throttled", "1 for each reason NVML gives for lowered clocks now.",
+            labels=[*labels, "reason"],
+        )
+        ecc = CounterMetricFamily(
+            "appliance_gpu_ecc_errors", "ECC errors since the driver loaded.", labels=[*labels, "kind"]
+        )
         gpus = self._gpus_now()
         count.add_metric([], len(gpus))
         for g in gpus:
             ident = [str(g.index), g.name]
-            total.add_metric(ident, g.total_memory_bytes)
-            used.add_metric(ident, g.total_memory_bytes - g.free_memory_bytes)
+            total.add_metric(ident, g.memory_total_mb * MIB)
+            used.add_metric(ident, g.memory_used_mb * MIB)
             if g.temperature_c is not None:
                 temp.add_metric(ident, g.temperature_c)
             if g.power_watts is not None:
                 power.add_metric(ident, g.power_watts)
             if g.utilization_percent is not None:
                 busy.add_metric(ident, g.utilization_percent / 100)
-        yield from (count, total, used, temp, power, busy)
+            for reason in g.throttle_reasons:
+                throttled.add_metric([*ident, reason], 1)
+            for kind, n in (("uncorrected", g.ecc_uncorrected), ("corrected", g.ecc_corrected)):
+                if n is not None:
+                    ecc.add_metric([*ident, kind], n)
+        yield from (count, total, used, temp, power, busy, throttled, ecc)
 
-    def _gpus_now(self) -> list[GpuInfo]:
+    def _gpus_now(self) -> list[GpuReading]:
         with self._gpu_lock:
             now = time.monotonic()
             if now - self._gpus_read_at >= GPU_READING_SECONDS:
-                self._gpus, self._gpus_read_at = self._read_gpus(), now
+                readings = self._read_gpus()
+                self._gpus = [g for g in readings if isinstance(g, GpuReading)]  # "no GPU" and faults: none
+                self._gpus_read_at = now
             return self._gpus
 
     # -- budgets ---------------------------------------------------------------------------------

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from test_health_support import Site, by_subject, encoded_cache, open_site
 
 from appliance.audit import cli_actor
 from appliance.checks.health import gpu
+from appliance.checks.metrics_readings import Readings
 from appliance.checks.registry import CheckContext
 from tests.conftest import free_port
 
@@ -116,6 +118,33 @@ def test_hot_throttled_and_ecc_errors() -> None:
     assert found["gpu3"].status == "warn" and "clocks throttled: hw_thermal_slowdown" in found["gpu3"].summary
     cooler = gpu_findings(FullNvml(gpus=[FullGpu(temperature=88)]), temperature_warn_c=90)
     assert cooler["gpu0"].status == "ok"
+
+
+def test_metrics_export_the_gpu_jobs_readings_and_nothing_without_a_gpu() -> None:
+    hot = FullNvml(gpus=[FullGpu(temperature=91, throttle=0x40, ecc_uncorrected=2, ecc_corrected=5)])
+    text = generate_latest(_gpu_registry(lambda: gpu.read_gpus(hot))).decode()
+    series = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("appliance_gpu")
+    }
+    ident = 'gpu="0",name="NVIDIA Fake 24GB"'
+    assert series["appliance_gpus"] == 1
+    assert series[f"appliance_gpu_memory_used_bytes{{{ident}}}"] == 4 << 30
+    assert series[f"appliance_gpu_temperature_celsius{{{ident}}}"] == 91
+    assert series[f"appliance_gpu_clocks_throttled{{{ident},reason=\"hw_thermal_slowdown\"}}"] == 1
+    for kind, n in (("uncorrected", 2), ("corrected", 5)):
+        assert series[f'appliance_gpu_ecc_errors_total{{gpu="0",kind="{kind}",name="NVIDIA Fake 24GB"}}'] == n
+    for nv in (fake_nvml.FaultyNvml(driver_not_loaded=True), None):  # None: this machine's real NVML
+        text = generate_latest(_gpu_registry(lambda nv=nv: gpu.read_gpus(nv))).decode()
+        assert "appliance_gpus 0.0" in text and 'appliance_metrics_source_up{source="gpus"} 1.0' in text
+        assert "appliance_gpu_memory_used_bytes{" not in text
+
+
+def _gpu_registry(read: Any) -> CollectorRegistry:
+    """A registry with the scrape's readings and no services: every other source fails (and is
+    marked down), which leaves the GPUs' part whole."""
+    registry = CollectorRegistry()
+    registry.register(Readings(None, read_gpus=read))  # type: ignore[arg-type]
+    return registry
 
 
 def test_unsupported_readings_are_left_out() -> None:
