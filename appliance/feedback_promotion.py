@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from appliance.audit.log import Actor, AuditLog
+from appliance.checks.golden import SET_NAME_PATTERN
 from appliance.errors import Conflict, InvalidRequest
 from appliance.store import Store
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CASE_ID", "SET_NAME", "messages_of", "promote"]
 
-SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a golden set's file name, without .yaml
+SET_NAME = SET_NAME_PATTERN  # a golden set's file name, without .yaml
 CASE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 _ROLE_LINE = re.compile(r"^(system|developer|user|assistant|tool): ?(.*)$")
 

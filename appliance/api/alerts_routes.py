@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, get, post
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, Parameter, QueryParameter
 
 from appliance.api.context import admin_actor, request_context
 from appliance.api.responses import Out, errors
@@ -93,7 +93,7 @@ def engine(services: Services) -> AlertEngine:
 async def list_alerts(
     services: ServicesDep,
     alert_state: Annotated[
-        Literal["open", "resolved"] | None, Parameter(query="state", description="only open or resolved alerts")
+        Literal["open", "resolved"] | None, QueryParameter(name="state", description="only open or resolved alerts")
     ] = None,
     check: Annotated[str | None, Parameter(max_length=128, description="only this check's alerts")] = None,
     limit: Annotated[int, Parameter(ge=1, le=1000, description="most alerts to return, newest first")] = 200,

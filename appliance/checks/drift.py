@@ -94,6 +94,7 @@ class DriftOptions:
     psi_warn: float = 0.1
     psi_fail: float = 0.25
     bins: int = 10
+    min_shift: float = 0.1  # a length's mean, median or p95 must move this share for its PSI to alarm
     min_requests: int = 50
     max_requests: int = 100_000  # the newest of a window, at most
     centroid_sample: int = 200  # prompts embedded per window, at most
@@ -376,11 +377,15 @@ def compare(
         cost = sum(window.costs) / len(window.costs) if window.costs else 0.0
         z = proportion_z(ref_out["refusal_rate"], ref_out["refusal_count"], refusal_rate, len(window.refusals))
         out += [
-            numeric_finding("prompt_tokens", ref_in["prompt_tokens"], window.prompt_tokens, o.bins, psi_limits, counts),
+            numeric_finding(
+                "prompt_tokens", ref_in["prompt_tokens"], window.prompt_tokens, o.bins, psi_limits, counts,
+                min_shift=o.min_shift,
+            ),
             mix_finding("script", ref_in["script"], mix(window.scripts), psi_limits, counts),
             centroid_finding(ref_in["embedding_centroid"], centroid_now, (o.centroid_warn, o.centroid_fail)),
             numeric_finding(
-                "completion_tokens", ref_out["completion_tokens"], window.completion_tokens, o.bins, psi_limits, counts
+                "completion_tokens", ref_out["completion_tokens"], window.completion_tokens, o.bins, psi_limits, counts,
+                min_shift=o.min_shift,
             ),
             mix_finding("finish_reason", ref_out["finish_reason"], mix(window.finish_reasons), psi_limits, counts),
             # A refusal rate within what chance gives (|z| under 3.09) is no alarm, however it moved.

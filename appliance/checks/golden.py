@@ -56,7 +56,7 @@ __all__ = [
     "load_sets",
 ]
 
-SET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # as appliance/feedback.py SET_NAME
+SET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a file stem; promotions write to sets by it too
 SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 8 * 1024 * 1024
 MAX_CASE_TOKENS = 8192

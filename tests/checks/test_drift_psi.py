@@ -13,7 +13,9 @@ from appliance.checks.psi import (
     categorical_psi,
     centroid,
     cosine_distance,
+    histogram,
     mix,
+    numeric_finding,
     percentile,
     psi,
     psi_of_values,
@@ -83,3 +85,19 @@ def test_percentile_relative_change_and_centroids() -> None:
     assert cosine_distance([1.0, 0.0], [1.0, 0.0]) == pytest.approx(0.0)
     assert cosine_distance([1.0, 0.0], [0.0, 1.0]) == pytest.approx(1.0)
     assert cosine_distance([1.0, 1.0], [1.0, 0.0]) == pytest.approx(1 - 1 / math.sqrt(2))
+
+
+def test_a_one_token_change_in_lengths_is_no_alarm_and_a_real_shift_still_is() -> None:
+    """The false alarm found under load: prompts of 39 or 40 tokens that became 40 or 41 (the
+    item numbers grew a digit) gave a PSI over 2 for a 1% longer mean."""
+    counts = {"reference_count": 90, "current_count": 200}
+    ref = histogram([39.0] * 10 + [40.0] * 80, 10)
+    grown = [40.0] * 100 + [41.0] * 100
+    noticed = numeric_finding("prompt_tokens", ref, grown, 10, (0.1, 0.25), counts)  # no shift floor: PSI alone
+    assert noticed.status == "fail" and noticed.details["psi"] > 2
+    gated = numeric_finding("prompt_tokens", ref, grown, 10, (0.1, 0.25), counts, min_shift=0.1)
+    assert gated.status == "ok" and gated.details["psi"] > 2 and gated.details["shift"] == pytest.approx(0.025)
+    longer = [60.0] * 100 + [61.0] * 100  # half as long again
+    assert numeric_finding("prompt_tokens", ref, longer, 10, (0.1, 0.25), counts, min_shift=0.1).status == "fail"
+    tail = [40.0] * 180 + [400.0] * 20  # same median, a long tail: the mean and p95 move
+    assert numeric_finding("prompt_tokens", ref, tail, 10, (0.1, 0.25), counts, min_shift=0.1).status == "fail"

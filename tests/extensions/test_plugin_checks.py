@@ -119,6 +119,10 @@ def test_a_plugin_check_runs_is_stored_and_alerts_through_plugin_and_webhook_cha
         assert actions.count("check.run") == 2 and "alert.test" in actions
         events = [r["body"]["event"] for r in audit_records(server, "system")]
         assert events.count("alert.open") == 1
+        opened = admin(server, "GET", "/admin/alerts?state=open").json()["data"]
+        assert [(a["id"], a["check"], a["state"]) for a in opened] == [(alert["id"], "sample-check", "open")]
+        assert admin(server, "GET", "/admin/alerts?state=resolved").json()["data"] == []
+        assert admin(server, "GET", "/admin/alerts?state=closed").status_code == 400
 
         refused = httpx.get(server.url + "/admin/checks", headers={"Authorization": f"Bearer {server.user_key}"})
         assert refused.status_code == 403 and refused.json()["error"]["code"]
