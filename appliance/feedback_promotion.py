@@ -20,9 +20,8 @@ from appliance.store import Store
 if TYPE_CHECKING:
     from appliance.feedback import FeedbackView, Kept
 
-__all__ = ["CASE_ID", "SET_NAME", "messages_of", "promote"]
+__all__ = ["CASE_ID", "messages_of", "promote"]
 
-SET_NAME = SET_NAME_PATTERN  # a golden set's file name, without .yaml
 CASE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 _ROLE_LINE = re.compile(r"^(system|developer|user|assistant|tool): ?(.*)$")
 
@@ -34,7 +33,7 @@ def promote(
     """Add the feedback's correction, as the reference answer to its prompt, to the golden
     set `<golden_dir>/<set_name>.yaml` (created when missing), audited. Raises `Conflict`
     when the prompt or the correction was not kept, or the case exists already."""
-    if not re.fullmatch(SET_NAME, set_name):
+    if not re.fullmatch(SET_NAME_PATTERN, set_name):
         raise InvalidRequest("set must be 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'", param="set")
     feedback_id = view.feedback.id
     case_id = case_id or feedback_id
@@ -71,8 +70,6 @@ def messages_of(text: str) -> list[dict[str, str]]:
         else:
             messages.append({"role": "user", "content": line})
     return messages
-
-
 
 
 def _why(kept: Kept, what: str) -> str:

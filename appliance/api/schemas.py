@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from appliance.checks.golden import SET_NAME_PATTERN as SET_NAME
 from appliance.feedback import MAX_FEEDBACK_CHARS
-from appliance.feedback_promotion import CASE_ID, SET_NAME
+from appliance.feedback_promotion import CASE_ID
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 TopP = Annotated[float, Meta(ge=0, le=1)]  # 0 keeps only the most likely token

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from appliance import __version__
-from appliance.checks.findings import STATUSES
+from appliance.checks.findings import STATUSES, Finding
 from appliance.checks.health.gpu import GpuReading, read_gpus
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ _LATEST_GOLDEN = (
 
 
 class Readings(Collector):
-    def __init__(self, services: Services, *, read_gpus: Callable[[], list[Any]] = read_gpus) -> None:
+    def __init__(self, services: Services, *, read_gpus: Callable[[], list[GpuReading | Finding]] = read_gpus) -> None:
         self.services = services
         self._read_gpus = read_gpus  # the gpu job's reading: a GpuReading per GPU, or a Finding where none
         self._gpus: list[GpuReading] = []
