@@ -145,7 +145,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterat
     """One real `appliance serve` process with the default model, shared by the API tests."""
     data_dir = tmp_path_factory.mktemp("appliance-data")
     # Many tests send bad keys on purpose: this server does not throttle them (tests/test_security.py does).
-    (data_dir / "appliance.toml").write_text('[runtime]\nslots = 4\nctx_per_slot = 1024\n\n[auth]\nfailure_limit = 1000000\n')
+    # Its checks run only on demand, so no scheduled run writes to the store a test is counting.
+    (data_dir / "appliance.toml").write_text(
+        '[runtime]\nslots = 4\nctx_per_slot = 1024\n\n[auth]\nfailure_limit = 1000000\n\n[checks]\nenabled = false\n'
+    )
     admin_key = init_data_dir(data_dir, model_path)
     user = json.loads(run_cli("keys", "create", "--name", "staff-app", "--role", "user", "--json", data_dir=data_dir).stdout)
     proc, url, log_path = start_server(data_dir)
