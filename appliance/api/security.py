@@ -86,9 +86,10 @@ class KeyAuthMiddleware(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=principal, auth=None)
 
 
-def role_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def role_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Fail closed: a route that declares no roles is refused to everyone, except the OPTIONS
-    answer litestar adds to every path, which any authenticated principal may read."""
+    answer litestar adds to every path, which any authenticated principal may read. Async
+    although it never waits: litestar runs a sync guard on a worker thread, a hop per request."""
     if handler.opt.get("public"):
         return
     principal: Principal = connection.user

@@ -20,8 +20,11 @@ _REFUSAL = re.compile(
 def script_of(text: str) -> str:
     """The script most of the letters in `text` are written in (lower case: "latin",
     "cyrillic", "cjk"...), "other" for letters of none of those, "none" without letters."""
+    sample = text[:_SAMPLE_CHARS]
+    if sample.isascii():  # most prompts: every ASCII letter is Latin, no per-character lookup
+        return "latin" if sample.lower() != sample.upper() else "none"
     counts: dict[str, int] = {}
-    for ch in text[:_SAMPLE_CHARS]:
+    for ch in sample:
         if not ch.isalpha():
             continue
         name = unicodedata.name(ch, "")

@@ -8,6 +8,7 @@ audit record.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,12 +26,18 @@ ROLLUP_BY: dict[str, str] = {"key": "key_id", "team": "team_id", "model": "model
 
 def utc_day(ts: float) -> str:
     """`YYYY-MM-DD` of a Unix time, in UTC."""
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
+    return _day_text(int(ts // 86400))
 
 
 def utc_month(ts: float) -> str:
     """`YYYY-MM` of a Unix time, in UTC."""
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m")
+    return _day_text(int(ts // 86400))[:7]
+
+
+@functools.lru_cache(maxsize=64)
+def _day_text(day: int) -> str:
+    # Every request asks, several times; Unix time has exactly 86,400 s in each UTC day.
+    return datetime.fromtimestamp(day * 86400, tz=UTC).strftime("%Y-%m-%d")
 
 
 def parse_day(text: str, *, param: str = "day") -> str:

@@ -313,3 +313,20 @@ def test_prompt_centroid_from_kept_prompts(
     assert near.status == "ok" and near.details["distance"] < options.centroid_warn
     assert far.status in ("warn", "fail") and far.details["distance"] >= options.centroid_warn
     assert far.details["distance"] > 10 * near.details["distance"]
+
+
+@pytest.mark.parametrize(
+    ("text", "script"),
+    [
+        ("Say hello.", "latin"),
+        ("Grüße aus Köln", "latin"),
+        ("12345 !!", "none"),
+        ("", "none"),
+        ("Привет, мир", "cyrillic"),
+        ("hi Привет мир", "cyrillic"),
+        ("你好，世界", "cjk"),
+        ("Καλημέρα", "greek"),
+    ],
+)
+def test_the_script_of_a_prompt_is_that_of_most_of_its_letters(text: str, script: str) -> None:
+    assert script_of(text) == script
