@@ -17,6 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+# The suite runs two workers on two cores, and each llama.cpp process's OpenMP threads spin
+# between graph computations by default: two of them starved each other, 2 s tests took 18 s
+# and one that times turns between decode steps failed. Set before any llama.cpp loads, and
+# inherited by every server a test starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 APPLIANCE = [sys.executable, "-m", "appliance"]
@@ -155,3 +161,21 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterat
     shared = Server(url, data_dir, admin_key, user["key"], proc, log_path)
     yield shared
     stop_server(shared.process)  # a test may have restarted it: stop the one running now
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The machine the run took place on, last, where a CI log's tail still shows it: the CPU
+    model and which llama.cpp variant it gets explain most differences in durations."""
+    from runtime.cpu import choose_variant, detect, shipped_variants
+
+    cpu = detect()
+    try:
+        variant = choose_variant(cpu, shipped_variants()).variant
+    except Exception as exc:  # noqa: BLE001 - a report line, never a failure of the run
+        variant = f"none ({exc})"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    terminalreporter.write_line(
+        f"machine: {cpu.model or 'unknown CPU'}; {os.cpu_count()} cores; llama.cpp CPU variant {variant}; "
+        f"AMX {'yes' if 'amx_int8' in cpu.features else 'no'}; load average {load}"
+    )
