@@ -20,7 +20,8 @@ import pytest
 # The suite runs two workers on two cores, and each llama.cpp process's OpenMP threads spin
 # between graph computations by default: two of them starved each other, 2 s tests took 18 s
 # and one that times turns between decode steps failed. Set before any llama.cpp loads, and
-# inherited by every server a test starts.
+# inherited by every server a test starts. Production keeps the default: one process alone runs
+# 2-5x slower passive (docs/performance.md, "OpenMP's wait policy").
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent.parent
