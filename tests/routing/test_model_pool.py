@@ -27,7 +27,7 @@ from appliance.model_pins import Pins
 from appliance.model_pool import ModelPool, mb
 from appliance.model_registry import ModelRegistry
 from appliance.store import Store
-from runtime.engine import GenerationRequest, TokenEvent
+from runtime.engine import GenerationRequest, SamplingParams, TokenEvent
 from runtime.errors import EngineUnavailable
 from runtime.stand_ins import EchoEngine
 
@@ -183,7 +183,12 @@ async def test_pinned_and_busy_models_are_never_evicted(box: Box, closing: list[
     closing.append(pool)
     await pool.acquire("smol-a")  # the default model: pinned
     engine = await pool.acquire("smol-b")
-    stream = engine.generate(GenerationRequest(max_tokens=200, prompt="Count slowly from one to a thousand:"))
+    # Greedy, so it runs to its 200 tokens: sampled at 0.8, 1 seed in 8 stopped within 50 and
+    # left smol-b idle, hence evictable, before the refusal below was asked for.
+    counting = GenerationRequest(
+        max_tokens=200, prompt="Count from one to a thousand: 1, 2, 3, 4, 5,", sampling=SamplingParams(temperature=0.0)
+    )
+    stream = engine.generate(counting)
     assert isinstance(await anext(stream), TokenEvent)  # smol-b now has an active sequence
     try:
         with pytest.raises(ModelDoesNotFit) as refused:
