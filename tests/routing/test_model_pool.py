@@ -183,7 +183,7 @@ async def test_pinned_and_busy_models_are_never_evicted(box: Box, closing: list[
     closing.append(pool)
     await pool.acquire("smol-a")  # the default model: pinned
     engine = await pool.acquire("smol-b")
-    # Greedy, so it runs to its 200 tokens: sampled at 0.8, 1 seed in 8 stopped within 50 and
+    # Greedy, so it runs to its 200 tokens: sampled at 0.8, 5 seeds in 30 stopped within 50 and
     # left smol-b idle, hence evictable, before the refusal below was asked for.
     counting = GenerationRequest(
         max_tokens=200, prompt="Count from one to a thousand: 1, 2, 3, 4, 5,", sampling=SamplingParams(temperature=0.0)
