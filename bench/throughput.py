@@ -415,7 +415,7 @@ def main() -> None:
         "threads": args.threads,
         "max_tokens": args.max_tokens,
         "cpu": cpu.model,
-        "cpu_has_amx": {"AMX_TILE", "AMX_INT8"} <= (cpu.features | cpu.cpu_only),
+        "cpu_has_amx": cpu.amx != "no",
         "rounds": [],
     }
     config = f"[runtime]\nn_threads = {args.threads}\nslots = {args.slots}\n"  # default ctx_per_slot

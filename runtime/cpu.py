@@ -104,6 +104,8 @@ _FLAGS: dict[str, tuple[str, ...]] = {
     "AMX_INT8": ("amx_int8",),
 }
 
+_AMX = frozenset({"AMX_TILE", "AMX_INT8"})
+
 # XCR0 bits the kernel must have enabled: SSE and AVX (YMM) state; AVX-512's opmask, ZMM_Hi256
 # and Hi16_ZMM; AMX's XTILECFG and XTILEDATA.
 _XCR0_AVX = 0b110
@@ -126,6 +128,14 @@ class CpuFeatures:
     model: str = ""
     source: str = "stand-in"
     cpu_only: frozenset[str] = frozenset()
+
+    @property
+    def amx(self) -> str:
+        """"usable", "not enabled by the kernel" (the CPU has it, XCR0 or the permission does
+        not), or "no"."""
+        if _AMX <= self.features:
+            return "usable"
+        return "not enabled by the kernel" if _AMX <= self.features | self.cpu_only else "no"
 
     def to_dict(self) -> dict[str, object]:
         order = list(_FLAGS)

@@ -178,5 +178,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     terminalreporter.write_line(
         f"machine: {cpu.model or 'unknown CPU'}; {os.cpu_count()} cores; llama.cpp CPU variant {variant}; "
-        f"AMX {'yes' if 'amx_int8' in cpu.features else 'no'}; load average {load}"
+        f"AMX {cpu.amx}; load average {load}"
     )

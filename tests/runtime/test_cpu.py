@@ -63,6 +63,14 @@ def test_auto_never_picks_a_known_crash_even_when_the_cpu_has_it() -> None:
     assert "20824" in choice.passed_over["sapphirerapids"]
 
 
+def test_amx_is_reported_as_the_kernel_allows_it() -> None:
+    amx = features_from_flags(SAPPHIRE_RAPIDS)
+    assert amx.amx == "usable"
+    withheld = CpuFeatures(amx.features - {"AMX_TILE", "AMX_INT8"}, cpu_only=frozenset({"AMX_TILE", "AMX_INT8"}))
+    assert withheld.amx == "not enabled by the kernel"
+    assert features_from_flags(["sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"]).amx == "no"
+
+
 def test_a_known_crash_runs_when_named_and_the_cpu_allows_it() -> None:
     choice = choose_variant(features_from_flags(SAPPHIRE_RAPIDS), EVERY_VARIANT, "sapphirerapids")
     assert choice.variant == "sapphirerapids"
