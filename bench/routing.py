@@ -575,7 +575,7 @@ def failover(args: argparse.Namespace) -> dict[str, Any]:
         scenarios = [("mock_upstream_fallback_default_retries", "mock/echo", 2),
                      ("mock_upstream_fallback_no_retries", "mock/echo", 0)]
         if local:
-            scenarios.append(("local_model_fallback_no_retries", MODEL_NAME, 0))
+            scenarios += [("local_model_fallback_default_retries", MODEL_NAME, 2), ("local_model_fallback_no_retries", MODEL_NAME, 0)]
         for index, (name, fallback, retries) in enumerate(scenarios):
             upstream, route = f"dying-{index}", f"failover-{index}"  # fresh names: a breaker of its own
             appliance.upstream(upstream, primary.start(), ["primary"], primary.key, max_retries=retries)

@@ -22,6 +22,7 @@ from appliance.auth import Principal
 from appliance.errors import ContextLengthExceeded, ModelDoesNotFit, ServiceUnavailable
 from appliance.governance import Governance, RequestContext
 from appliance.inference import GenerationInput, InferenceService, Prepared, generation_failure
+from appliance.routing.attempt import attempt_with_fallback
 from appliance.routing.breakers import Breaker, Breakers
 from appliance.routing.router import Plan
 from runtime.engine import Embeddings, Engine, Finished, GenerationEvent, TokenEvent
@@ -85,7 +86,8 @@ class Dispatcher:
                 continue
             ctx.route_trail += f">{candidate.name}"
             ctx.models_tried.append(candidate.name)
-            why = await self._attempt(ctx, principal, spec, plan, index, breaker, None if last_one else timeout)
+            with attempt_with_fallback(not last_one):
+                why = await self._attempt(ctx, principal, spec, plan, index, breaker, None if last_one else timeout)
             if isinstance(why, Opened):
                 return why
             why_name, last = why
@@ -174,7 +176,8 @@ class Dispatcher:
                 if ctx.admission is None:
                     self.governance.admit(ctx, principal, candidate.name, prompt_tokens, 0, models=plan.names[index:])
                 started = time.perf_counter()
-                result = await engine.embed(texts)
+                with attempt_with_fallback(index < len(plan.candidates) - 1):
+                    result = await engine.embed(texts)
             except ContextLengthExceeded as exc:
                 breaker.release()
                 reason, last = "context", exc

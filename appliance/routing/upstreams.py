@@ -38,6 +38,7 @@ import msgspec
 
 from appliance.errors import ConfigError, NotFound
 from appliance.redaction import scrub_keys
+from appliance.routing.attempt import fallback_ready
 from appliance.routing.upstream_http import HTTPError, Response, TooLarge, UpstreamClient
 from appliance.routing.upstream_registry import Upstream, UpstreamRegistry
 from runtime.engine import (
@@ -182,10 +183,11 @@ class UpstreamEngines:
 class _Retry(Exception):
     """An attempt failed in a way worth another try; `error` is what to raise when out of tries."""
 
-    def __init__(self, error: RuntimeFault, *, wait: float = 0.0) -> None:
+    def __init__(self, error: RuntimeFault, *, wait: float = 0.0, unanswered: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
         self.wait = wait
+        self.unanswered = unanswered  # no connection, or lost before an answer: not a status worth another try
 
 
 class UpstreamEngine:
@@ -344,9 +346,13 @@ class UpstreamEngine:
                         return head + pieces
                 head += pieces
         except HTTPError as exc:
-            raise _Retry(EngineUnavailable(f"upstream {self.upstream.name} failed: {self._describe(exc)}")) from None
+            raise _Retry(
+                EngineUnavailable(f"upstream {self.upstream.name} failed: {self._describe(exc)}"), unanswered=True
+            ) from None
         if not any(kind == "finish" for kind, _ in head):
-            raise _Retry(EngineUnavailable(f"upstream {self.upstream.name} closed the stream before the first token"))
+            raise _Retry(
+                EngineUnavailable(f"upstream {self.upstream.name} closed the stream before the first token"), unanswered=True
+            )
         return head
 
     def _generation_body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
@@ -410,7 +416,7 @@ class UpstreamEngine:
                 ) from None
             except HTTPError as exc:
                 raise _Retry(
-                    EngineUnavailable(f"upstream {self.upstream.name} failed: {self._describe(exc)}")
+                    EngineUnavailable(f"upstream {self.upstream.name} failed: {self._describe(exc)}"), unanswered=True
                 ) from None
             if len(vectors) != len(texts):
                 raise EngineUnavailable(
@@ -494,6 +500,8 @@ class UpstreamEngine:
                     try:
                         return await attempt()
                     except _Retry as retry:
+                        if retry.unanswered and fallback_ready():  # the route's next candidate is the quicker way
+                            raise retry.error from None
                         wait = max(retry.wait, random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**tries)))
                         if tries >= self.upstream.max_retries or loop.time() + wait >= deadline:
                             raise retry.error from None
@@ -511,7 +519,7 @@ class UpstreamEngine:
             )
         except HTTPError as exc:
             raise _Retry(
-                EngineUnavailable(f"cannot reach upstream {self.upstream.name}: {self._describe(exc)}")
+                EngineUnavailable(f"cannot reach upstream {self.upstream.name}: {self._describe(exc)}"), unanswered=True
             ) from None
         self._open.add(response)
         return response

@@ -120,13 +120,24 @@ def test_local_only_requests_never_reach_the_peer(pair: Pair) -> None:
 
 
 def test_a_dead_peer_falls_back_to_the_local_model(pair: Pair, tmp_path: Path) -> None:
-    run_cli("upstreams", "set", "gone", "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL_NAME, "--retries", "1",
+    run_cli("upstreams", "set", "gone", "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL_NAME, "--retries", "2",
             "--timeout", "5", data_dir=pair.front.data_dir)
     run_cli("routes", "set", "resilient", "--candidate", f"gone/{MODEL_NAME}", "--candidate", MODEL_NAME,
             data_dir=pair.front.data_dir)
     response = chat(pair.front, "resilient")
     assert response.status_code == 200, response.text
     assert response.headers["x-appliance-route"] == f"resilient>gone/{MODEL_NAME}; fallback:error>{MODEL_NAME}"
+    # With the local model next, the refused connection was not retried with backoff first;
+    # as a route's only candidate the same upstream is (retries are for when nothing else can serve).
+    def retries() -> list[str]:
+        return [line for line in pair.front.log_path.read_text().splitlines()
+                if f"gone/{MODEL_NAME}: cannot reach upstream gone" in line and "; retry " in line]
+
+    assert retries() == []
+    run_cli("routes", "set", "fragile", "--candidate", f"gone/{MODEL_NAME}", data_dir=pair.front.data_dir)
+    alone = chat(pair.front, "fragile")
+    assert alone.status_code == 503, alone.text
+    assert len(retries()) == 2, retries()
 
 
 def test_the_peer_key_is_never_in_a_response_log_or_audit_record(pair: Pair) -> None:

@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.errors import ConfigError, InvalidRequest, NotFound
+from appliance.routing.attempt import attempt_with_fallback, fallback_ready
 from appliance.routing.secrets import SecretBox
 from appliance.routing.upstream_http import UpstreamClient
 from appliance.routing.upstream_registry import KEEP, Upstream, UpstreamRegistry
@@ -261,6 +262,35 @@ async def test_connection_refused_is_retried_then_unavailable(client: UpstreamCl
     with pytest.raises(EngineUnavailable, match="cannot reach upstream gone"):
         await collect(engine, chat())
     assert engine.stats().extra["retries"] == 2
+
+
+async def test_with_a_fallback_ready_an_unreachable_upstream_fails_at_once(client: UpstreamClient) -> None:
+    upstream = Upstream(name="gone", base_url=f"http://127.0.0.1:{free_port()}/v1", models=("m",), max_retries=2)
+    engine = UpstreamEngine(upstream, "m", client=client, backoff_base=5, backoff_cap=5)  # a retry would wait seconds
+    with attempt_with_fallback(True), pytest.raises(EngineUnavailable, match="cannot reach upstream gone"):
+        await asyncio.wait_for(collect(engine, chat()), 2)
+    assert engine.stats().extra["retries"] == 0
+    assert not fallback_ready()  # the attempt's setting ends with it
+
+
+async def test_with_a_fallback_ready_a_stream_cut_before_its_first_token_falls_back_at_once(
+    fault: Any, client: UpstreamClient
+) -> None:
+    server = await fault(stream(delta(role="assistant"), then="drop"), HELLO)
+    engine = fault_engine(server, client)
+    with attempt_with_fallback(True), pytest.raises(EngineUnavailable, match="faulty"):
+        await collect(engine, chat())
+    assert server.attempts == 1 and engine.stats().extra["retries"] == 0
+    events = await collect(engine, chat())  # the last candidate (no fallback) still retries the same cut
+    assert text_of(events) == "Hello world" and server.attempts == 2
+
+
+async def test_with_a_fallback_ready_an_upstream_that_answers_503_is_still_retried(fault: Any, client: UpstreamClient) -> None:
+    server = await fault(answer(503, oai_error("warming up")), answer(503, oai_error("warming up")), HELLO)
+    engine = fault_engine(server, client)
+    with attempt_with_fallback(True):
+        events = await collect(engine, chat())
+    assert text_of(events) == "Hello world" and server.attempts == 3
 
 
 async def test_429_with_retry_after_past_the_deadline_is_overloaded_at_once(fault: Any, client: UpstreamClient) -> None:
