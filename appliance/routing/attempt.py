@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-# True while the route has another candidate after this one. An upstream that cannot be
+# True while the route has a later candidate whose breaker is closed. An upstream that cannot be
 # reached then fails at once (its breaker counts it) instead of retrying with backoff, which
 # kept each request queued on a dead primary 0.3-0.75 s from its fallback.
 _fallback_ready: ContextVar[bool] = ContextVar("fallback_ready", default=False)

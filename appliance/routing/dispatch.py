@@ -86,7 +86,7 @@ class Dispatcher:
                 continue
             ctx.route_trail += f">{candidate.name}"
             ctx.models_tried.append(candidate.name)
-            with attempt_with_fallback(not last_one):
+            with attempt_with_fallback(self._fallback_ready(plan, index)):
                 why = await self._attempt(ctx, principal, spec, plan, index, breaker, None if last_one else timeout)
             if isinstance(why, Opened):
                 return why
@@ -95,6 +95,11 @@ class Dispatcher:
         if last is None:
             raise ServiceUnavailable("No candidate of this route can serve the request now.")
         raise last
+
+    def _fallback_ready(self, plan: Plan, index: int) -> bool:
+        """Whether a later candidate would be tried now: one whose breaker is closed (an open
+        one is skipped, a half-open one may already be probing)."""
+        return any(self.breakers.get(c.name).state == "closed" for c in plan.candidates[index + 1:])
 
     async def _attempt(
         self, ctx: RequestContext, principal: Principal, spec: GenerationInput, plan: Plan, index: int,
@@ -176,7 +181,7 @@ class Dispatcher:
                 if ctx.admission is None:
                     self.governance.admit(ctx, principal, candidate.name, prompt_tokens, 0, models=plan.names[index:])
                 started = time.perf_counter()
-                with attempt_with_fallback(index < len(plan.candidates) - 1):
+                with attempt_with_fallback(self._fallback_ready(plan, index)):
                     result = await engine.embed(texts)
             except ContextLengthExceeded as exc:
                 breaker.release()

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import MODEL_NAME, Server, init_data_dir, run_cli, start_server, stop_server
+from tests.conftest import MODEL_NAME, Server, free_port, init_data_dir, run_cli, start_server, stop_server
+from tests.http_helpers import request_record
 from tests.routing.conftest import admin, chat, sse_events
 
 PEER_MODEL = f"peer/{MODEL_NAME}"
@@ -138,6 +139,29 @@ def test_a_dead_peer_falls_back_to_the_local_model(pair: Pair, tmp_path: Path) -
     alone = chat(pair.front, "fragile")
     assert alone.status_code == 503, alone.text
     assert len(retries()) == 2, retries()
+
+
+def test_a_dead_upstream_keeps_its_retries_when_the_next_candidates_breaker_is_open(pair: Pair) -> None:
+    front = pair.front
+    for name, retries in (("dead-a", "2"), ("dead-b", "0")):
+        run_cli("upstreams", "set", name, "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--model", MODEL_NAME,
+                "--retries", retries, "--timeout", "5", data_dir=front.data_dir)
+    run_cli("routes", "set", "only-b", "--candidate", f"dead-b/{MODEL_NAME}", data_dir=front.data_dir)
+    run_cli("routes", "set", "a-then-b", "--candidate", f"dead-a/{MODEL_NAME}", "--candidate", f"dead-b/{MODEL_NAME}",
+            data_dir=front.data_dir)
+    for _ in range(5):  # breaker_failures = 5 (the default): dead-b's breaker opens
+        assert chat(front, "only-b").status_code == 503
+    breaker = admin(front, "GET", "/admin/routes/a-then-b").json()["breakers"][f"dead-b/{MODEL_NAME}"]
+    assert breaker["state"] == "open", breaker
+
+    response = chat(front, "a-then-b")
+    assert response.status_code == 503, response.text
+    trail = request_record(front, response.headers["x-request-id"])["body"]["route_trail"]  # type: ignore[index]
+    assert trail == f"a-then-b>dead-a/{MODEL_NAME}; fallback:error; skip:breaker_open(dead-b/{MODEL_NAME})"
+    # Nothing else could serve, so dead-a was retried as the last candidate would be.
+    retried = [line for line in front.log_path.read_text().splitlines()
+               if f"dead-a/{MODEL_NAME}: cannot reach upstream dead-a" in line and "; retry " in line]
+    assert len(retried) == 2, retried
 
 
 def test_the_peer_key_is_never_in_a_response_log_or_audit_record(pair: Pair) -> None:
