@@ -13,11 +13,20 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import REPO, free_port, run_cli, stop_server, wait_alive
 
 SELF_DESTRUCTIVE = ("POST /admin/keys/{key_id}/rotate", "DELETE /admin/keys/{key_id}")
+# The statuses that count as refusing a request the schema forbids: schemathesis's own, less
+# 5xx, plus 413. A string past `maxLength` can also be a body past the server's limit (an
+# over-long prompt of "Ð", JSON-escaped to 6 bytes a character, is 6 MB), and a 413 in the
+# OpenAI shape is the right refusal of it.
+REJECTIONS = """
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +49,40 @@ def echo_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
     stop_server(proc)
 
 
-@pytest.mark.parametrize("role", ["admin", "user"])
+def test_every_operation_with_a_body_documents_the_413_it_can_return(echo_app: tuple[str, dict[str, str]]) -> None:
+    # Runs before schemathesis, whose admin run may expire any key it finds. It found this: a
+    # prompt within `maxLength` of emoji, JSON-escaped to 12 bytes a character, is 12 MB, past
+    # the 4 MiB body limit, and drew a 413 the document did not list.
+    url, keys = echo_app
+    auth = {"Authorization": f"Bearer {keys['admin']}"}
+    r = httpx.get(f"{url}/schema/openapi.json", headers=auth)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    with_body = [(m, p) for p, ops in doc["paths"].items() for m, op in ops.items() if "requestBody" in op]
+    assert ("post", "/admin/routes/explain") in with_body and len(with_body) > 10
+    undocumented = [f"{m.upper()} {p}" for m, p in with_body if "413" not in doc["paths"][p][m]["responses"]]
+    assert undocumented == []
+    assert doc["paths"]["/admin/routes/explain"]["post"]["responses"]["413"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"
+    }
+    prompt_limit = doc["components"]["schemas"]["ExplainRequest"]["properties"]["prompt"]["maxLength"]
+    body = json.dumps({"model": "auto", "prompt": "\U0001f600" * prompt_limit}).encode()
+    assert len(body) > 4 * 1024 * 1024
+    r = httpx.post(f"{url}/admin/routes/explain", headers=auth | {"content-type": "application/json"}, content=body, timeout=60)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("role", ["user", "admin"])  # admin last: it may expire any key
 def test_schemathesis_finds_no_failure(echo_app: tuple[str, dict[str, str]], role: str, tmp_path: Path) -> None:
     url, keys = echo_app
     excluded = [arg for name in SELF_DESTRUCTIVE for arg in ("--exclude-name", name)] if role == "admin" else []
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(REJECTIONS)
     proc = subprocess.run(
         [
-            sys.executable, "-m", "schemathesis.cli", "run", f"{url}/schema/openapi.json",
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/schema/openapi.json",
             "-H", f"Authorization: Bearer {keys[role]}",
             "--max-examples", "30", "--checks", "all", *excluded,
         ],
@@ -57,3 +93,4 @@ def test_schemathesis_finds_no_failure(echo_app: tuple[str, dict[str, str]], rol
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "generated" in proc.stdout
+

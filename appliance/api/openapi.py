@@ -7,6 +7,8 @@ it, so it must describe what is accepted and sent, byte for byte:
   built from it would send requests the server refuses.
 - The media types a handler's signature does not show: the event streams of the generation
   endpoints (`stream: true`) and the audit export's JSON lines or CSV.
+- The 413 on every operation that takes a body: the server's body limit applies to each, and a
+  schema's string length cannot bound the bytes (one character JSON-escapes to up to 12).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from litestar import Request
 from litestar.openapi.plugins import JsonRenderPlugin
 
 from appliance.api import responses, routing_routes, schemas, upstreams_routes
+from appliance.api.responses import error_response_schema
 from appliance.routing import routes
 
 _TEXT = {"schema": {"type": "string"}}
@@ -50,6 +53,10 @@ def exact(document: dict[str, Any]) -> dict[str, Any]:
         content = out["paths"][path]["post"]["responses"]["200"].setdefault("content", {})
         content["text/event-stream"] = _TEXT
     out["paths"][_EXPORT]["get"]["responses"]["200"]["content"] = {"application/x-ndjson": _TEXT, "text/csv": _TEXT}
+    for operations in out["paths"].values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                operation["responses"].setdefault("413", error_response_schema(413))
     return out
 
 

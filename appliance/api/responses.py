@@ -42,6 +42,12 @@ _ERRORS = {
 AUTHENTICATED = (401, 403, 429)  # every route but the health probes
 
 
+def error_response_schema(status: int) -> dict[str, Any]:
+    """The OpenAPI response object of `status`, as litestar renders an `errors(...)` entry."""
+    schema = {"$ref": "#/components/schemas/ErrorResponse"}
+    return {"description": _ERRORS[status], "content": {"application/json": {"schema": schema}}}
+
+
 def errors(*statuses: int) -> dict[int, ResponseSpec]:
     """Error responses in the OpenAI shape for `statuses`, plus those every authenticated
     route can return. Each overrides litestar's own 400 schema, which we never send."""

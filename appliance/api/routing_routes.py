@@ -126,9 +126,10 @@ async def explain_route(request: Request[Principal, Any, Any], data: JSONBody[Ex
     return msgspec.convert(out, Explanation)
 
 
-# A golden set's size, bounded so that the largest body the schema admits (every character
-# JSON-escaped to 6 bytes) fits the endpoint's own body limit below: it is a 400 naming the
-# field, never a 413 for a body the document said was fine.
+# A golden set's size, bounded so that the largest body of BMP text the schema admits (every
+# character JSON-escaped to 6 bytes) fits the endpoint's own body limit below: it is a 400
+# naming the field, not a 413. Text outside the BMP escapes to 12 bytes a character, and past
+# the limit gets the 413 every body-taking operation documents.
 GOLDEN_PROMPT_CHARS, GOLDEN_PER_LABEL = MAX_PROMPT_CHARS, MAX_EACH
 CALIBRATION_MAX_BODY = 2 * GOLDEN_PER_LABEL * (GOLDEN_PROMPT_CHARS * 6 + 128) + 1024
 
