@@ -20,6 +20,7 @@ from appliance.hookspecs import HOOKSPEC_VERSION
 
 ADMIN = roles(Role.ADMIN)
 _ROUTE_ERRORS = errors(404, 503)
+_POST_ROUTE_ERRORS = errors(404, 413, 503)  # it reads a body the document cannot describe
 
 
 def plugin_list(services: Services) -> PluginList:
@@ -82,7 +83,7 @@ async def plugin_route_get(request: Request[Principal, Any, Any], name: FromPath
     return dict(await services.plugins.call_admin_route(name, "GET", path, query, None))
 
 
-@post("/admin/plugins/{name:str}/routes/{path:path}", opt=ADMIN, name="plugins:route-post", status_code=200, responses=_ROUTE_ERRORS)
+@post("/admin/plugins/{name:str}/routes/{path:path}", opt=ADMIN, name="plugins:route-post", status_code=200, responses=_POST_ROUTE_ERRORS)
 async def plugin_route_post(request: Request[Principal, Any, Any], name: FromPath[str], path: FromPath[str], services: ServicesDep) -> dict[str, Any]:
     """An endpoint a plugin contributed, with a JSON body (the plugin checks it)."""
     raw = await request.body()
