@@ -94,4 +94,3 @@ def test_schemathesis_finds_no_failure(echo_app: tuple[str, dict[str, str]], rol
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "generated" in proc.stdout
-
