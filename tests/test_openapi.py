@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -72,6 +73,24 @@ def test_every_operation_with_a_body_documents_the_413_it_can_return(echo_app: t
     r = httpx.post(f"{url}/admin/routes/explain", headers=auth | {"content-type": "application/json"}, content=body, timeout=60)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_a_body_that_is_not_utf8_is_a_400_on_every_operation_that_takes_one(echo_app: tuple[str, dict[str, str]]) -> None:
+    # Schemathesis found this: msgspec raises UnicodeDecodeError, not its DecodeError, for bytes
+    # that are not UTF-8, and every operation with a body answered 500.
+    url, keys = echo_app
+    auth = {"Authorization": f"Bearer {keys['admin']}", "content-type": "application/json"}
+    doc = httpx.get(f"{url}/schema/openapi.json", headers=auth).json()
+    with_body = [(m, p) for p, ops in doc["paths"].items() for m, op in ops.items() if "requestBody" in op]
+    with_body.append(("post", "/admin/plugins/{name}/routes/{path}"))
+    answers = {}
+    for method, path in with_body:
+        concrete = re.sub(r"\{[^}]+\}", "x", path)
+        r = httpx.request(method, f"{url}{concrete}", headers=auth, content=b'{"model": "v\xff!\xff"}')
+        answers[f"{method.upper()} {path}"] = (r.status_code, r.json()["error"]["type"], "UTF-8" in r.json()["error"]["message"])
+    assert {op: a for op, a in answers.items() if a != (400, "invalid_request_error", True)} == {}
+    assert len(answers) > 10
     assert httpx.get(f"{url}/healthz").status_code == 200
 
 

@@ -14,6 +14,7 @@ from appliance.api.context import admin_actor, request_context
 from appliance.api.responses import PluginInfo, PluginList, errors
 from appliance.api.security import roles
 from appliance.api.services import Services, ServicesDep
+from appliance.api.strict_bodies import not_utf8
 from appliance.auth import Principal, Role
 from appliance.errors import AuditUnavailable, InvalidRequest, StoreError
 from appliance.hookspecs import HOOKSPEC_VERSION
@@ -91,6 +92,8 @@ async def plugin_route_post(request: Request[Principal, Any, Any], name: FromPat
         body = msgspec.json.decode(raw) if raw else None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the body is not JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the body is not JSON: {not_utf8(exc)}") from None
     query = {k: v for k, v in request.query_params.items()}
     return dict(await services.plugins.call_admin_route(name, "POST", path, query, body))
 
