@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -50,6 +51,11 @@ def echo_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
     stop_server(proc)
 
 
+def _operations_with_a_body(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    with_body = [(m, p) for p, ops in doc["paths"].items() for m, op in ops.items() if "requestBody" in op]
+    return [*with_body, ("post", "/admin/plugins/{name}/routes/{path}")]  # reads a body it cannot describe
+
+
 def test_every_operation_with_a_body_documents_the_413_it_can_return(echo_app: tuple[str, dict[str, str]]) -> None:
     # Runs before schemathesis, whose admin run may expire any key it finds. It found this: a
     # prompt within `maxLength` of emoji, JSON-escaped to 12 bytes a character, is 12 MB, past
@@ -59,9 +65,8 @@ def test_every_operation_with_a_body_documents_the_413_it_can_return(echo_app: t
     r = httpx.get(f"{url}/schema/openapi.json", headers=auth)
     assert r.status_code == 200, r.text
     doc = r.json()
-    with_body = [(m, p) for p, ops in doc["paths"].items() for m, op in ops.items() if "requestBody" in op]
+    with_body = _operations_with_a_body(doc)
     assert ("post", "/admin/routes/explain") in with_body and len(with_body) > 10
-    with_body.append(("post", "/admin/plugins/{name}/routes/{path}"))  # reads a body it cannot describe
     undocumented = [f"{m.upper()} {p}" for m, p in with_body if "413" not in doc["paths"][p][m]["responses"]]
     assert undocumented == []
     assert doc["paths"]["/admin/routes/explain"]["post"]["responses"]["413"]["content"]["application/json"]["schema"] == {
@@ -82,10 +87,8 @@ def test_a_body_that_is_not_utf8_is_a_400_on_every_operation_that_takes_one(echo
     url, keys = echo_app
     auth = {"Authorization": f"Bearer {keys['admin']}", "content-type": "application/json"}
     doc = httpx.get(f"{url}/schema/openapi.json", headers=auth).json()
-    with_body = [(m, p) for p, ops in doc["paths"].items() for m, op in ops.items() if "requestBody" in op]
-    with_body.append(("post", "/admin/plugins/{name}/routes/{path}"))
     answers = {}
-    for method, path in with_body:
+    for method, path in _operations_with_a_body(doc):
         concrete = re.sub(r"\{[^}]+\}", "x", path)
         r = httpx.request(method, f"{url}{concrete}", headers=auth, content=b'{"model": "v\xff!\xff"}')
         answers[f"{method.upper()} {path}"] = (r.status_code, r.json()["error"]["type"], "UTF-8" in r.json()["error"]["message"])
