@@ -117,3 +117,19 @@ async def test_a_caller_cancelled_mid_write_neither_loses_the_write_nor_stops_th
         busy.result(10)
         await asyncio.wait_for(store.write(lambda c: c.execute("INSERT INTO settings VALUES ('next', 'ok')")), 10)
         assert dict(store.query("SELECT key, value FROM settings")) == {"audit": "kept", "next": "ok"}
+
+
+def test_the_wal_is_checkpointed_in_the_background_and_stays_bounded(tmp_path: Path) -> None:
+    # The writer's connection never checkpoints (that stalled one commit in ~90 by milliseconds);
+    # the checkpoint thread must, or the WAL grows by every page ever written.
+    path = tmp_path / "a.db"
+    row = "x" * 3000  # about a page per commit, plus the header page
+    with Store(path) as store:
+        for i in range(1500):
+            store.write_sync(lambda c, i=i: c.execute("INSERT INTO settings VALUES (?, ?)", (f"k{i}", row)))
+        assert store.checkpoints > 0
+        wal = path.with_name(path.name + "-wal").stat().st_size
+        assert wal < 3000 * 4096 // 4, f"the WAL grew to {wal} bytes over 1,500 commits"
+        assert store.query_one("SELECT COUNT(*) FROM settings")[0] == 1500
+    with Store(path) as store:  # and nothing was lost on the way
+        assert store.query_one("SELECT COUNT(*) FROM settings")[0] == 1500
