@@ -140,30 +140,45 @@ class Governance:
 
     # -- after the response is produced ------------------------------------------------------
     async def complete(self, ctx: RequestContext, status: int) -> None:
-        """Settle, and commit the usage and audit records in one transaction.
+        """Commit the usage and audit records in one transaction, then settle.
 
-        The records are built off the event loop (retention may redact megabytes of prompt).
-        Raises `AuditUnavailable` when they cannot be committed; the reservation is then
+        Raises `AuditUnavailable` when the records cannot be committed; the reservation is then
         released so the ledger keeps matching the usage table.
         """
+        (await self.record(ctx, status))()
+
+    async def record(self, ctx: RequestContext, status: int) -> Callable[[], None]:
+        """`complete` in two steps: commit the records (built off the event loop when retention
+        may redact megabytes of prompt), and return the settlement (budgets, the rate limiter's
+        refund, the request listeners), for the caller to run once the response is on its way,
+        so the client does not wait for it. The settlement must be called, once, without an
+        await between it and sending the response. Raises as `complete` does."""
         if ctx.completed:
-            return
+            return _nothing
         ctx.completed = True  # first, so a disconnect while this waits cannot record twice
         if not self.enabled or (ctx.recorded and status < 400) or (ctx.auth_failed and ctx.principal is None):
             self._release(ctx)
-            return
+            return _nothing
         try:
             chars = len(ctx.prompt_text or "") + len(ctx.audit_text or "") + len(ctx.answer_text or "")
             job, settle = await self._work.run_for(chars, self._prepare, ctx, status)
             await self._store.write(job)
         except (StoreError, OSError) as exc:
-            raise AuditUnavailable(f"the audit record could not be written: {exc}") from exc
-        else:
-            settle()
-            for listener in self.request_listeners:
-                listener(ctx, status)
-        finally:
             self._release(ctx)
+            raise AuditUnavailable(f"the audit record could not be written: {exc}") from exc
+        except BaseException:
+            self._release(ctx)
+            raise
+
+        def settlement() -> None:
+            try:
+                settle()
+                for listener in self.request_listeners:
+                    listener(ctx, status)
+            finally:
+                self._release(ctx)
+
+        return settlement
 
     def complete_nowait(self, ctx: RequestContext, status: int) -> None:
         """For a request whose client is gone: the same write, not waited on."""
@@ -361,6 +376,10 @@ def _indexed(append: Callable[[Any], int], response_id: str) -> Callable[[Any], 
         return idx
 
     return write
+
+
+def _nothing() -> None:
+    pass
 
 
 def _tell(listeners: list[Callable[[dict[str, Any]], None]], record: dict[str, Any]) -> None:

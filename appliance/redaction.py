@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import re2
 
-__all__ = ["KINDS", "Redaction", "Redactor", "compile_pattern", "redact", "scrub_keys"]
+__all__ = ["KINDS", "Redaction", "Redactor", "compile_pattern", "may_hold_key", "redact", "scrub_keys"]
 
 # google-re2's own `sub` decodes UTF-8 offsets in Python for every match (5 us each); the
 # scanner below calls RE2's Match on the encoded bytes instead (under 1 us).
@@ -37,7 +37,8 @@ _KEYS = re2.compile(
     r"|\b(?:ghp|gho|ghs|ghu|github_pat)_[A-Za-z0-9_]{20,}"
     r"|\bxox[abprs]-[A-Za-z0-9\-]{10,}"
 )
-_KEY_HINTS = ("apl_", "sk-", "AKIA", "ASIA", "gh", "github_pat", "xox")
+# Literal text every match of `_KEYS` contains: a text holding none of them holds no key.
+_KEY_HINTS = ("apl_", "sk-", "AKIA", "ASIA", "ghp_", "gho_", "ghs_", "ghu_", "github_pat_", "xox")
 _DIGITS = b"0123456789"
 
 Accept = Callable[[bytes, int, int], bool]  # (UTF-8 text, start, end): is the candidate really one?
@@ -221,9 +222,15 @@ def redact(text: str) -> str:
     return _DEFAULT.redact(text).text
 
 
+def may_hold_key(text: str) -> bool:
+    """False when `text` certainly holds no API-key-shaped substring (it has none of the
+    literal text every one contains); True when it may."""
+    return any(hint in text for hint in _KEY_HINTS)
+
+
 def scrub_keys(text: str) -> str:
     """`text` with API-key-shaped substrings replaced by `[API_KEY]`; cheap when there are none."""
-    if not any(hint in text for hint in _KEY_HINTS):
+    if not may_hold_key(text):
         return text
     data = text.encode("utf-8", "surrogatepass")
     scrubbed = _KEY_DETECTOR.apply(data, Counter())

@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from appliance.api.access_log import AccessLog
 from appliance.api.app import create_app
 from appliance.api.network import LOCAL_PEER_PREFIX
 from appliance.config import Settings, check_exposure
@@ -109,12 +110,12 @@ def serve(settings: Settings) -> None:
     check_exposure(settings)
     server_settings = settings.server
     config = uvicorn.Config(
-        create_app(settings),
+        AccessLog(create_app(settings)),
         host=server_settings.host,
         port=server_settings.port,
         lifespan="on",
         log_config=None,
-        access_log=True,
+        access_log=False,  # `AccessLog` writes the line, after the response
         timeout_graceful_shutdown=server_settings.graceful_shutdown_seconds,
         server_header=False,
         proxy_headers=False,  # X-Forwarded-For is read by the app, from trusted proxies only

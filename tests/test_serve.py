@@ -3,6 +3,7 @@ in flight allowed to finish."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -93,3 +94,30 @@ def test_model_file_changed_on_disk_is_refused_but_the_server_runs(tmp_path: Pat
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     finally:
         stop_server(proc)
+
+
+def test_every_request_gets_one_access_line_with_its_request_id_and_no_key(tmp_path: Path) -> None:
+    admin_key = json.loads(run_cli("init", "--json", data_dir=tmp_path).stdout)["admin_key"]
+    proc, url, log_path = start_server(tmp_path, wait=False)
+    try:
+        wait_alive(url)
+        auth = {"Authorization": f"Bearer {admin_key}"}
+        assert httpx.get(url + "/v1/models", headers=auth | {"x-request-id": "trace-models-1"}).status_code == 200
+        leaked = "sk-" + "q" * 24
+        assert httpx.get(url + f"/no/such/path?api_key={leaked}").status_code == 404  # matched no route: logged too
+        assert httpx.get(url + "/v1/models", headers={"x-request-id": "trace-denied-1"}).status_code == 401
+        deadline = time.monotonic() + 10
+        while True:  # each line is written once its response has gone out
+            lines = [json.loads(line) for line in log_path.read_text().splitlines() if '"appliance.access"' in line]
+            if len(lines) >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        stop_server(proc)
+    by_id = {line["request_id"]: line["msg"] for line in lines if line.get("request_id", "").startswith("trace-")}
+    assert by_id["trace-models-1"].endswith('"GET /v1/models HTTP/1.1" 200 ' + by_id["trace-models-1"].split()[-1])
+    assert '"GET /v1/models HTTP/1.1" 401 ' in by_id["trace-denied-1"]
+    assert any('" 404 ' in line["msg"] and "/no/such/path" in line["msg"] for line in lines)
+    assert sum('"GET /v1/models ' in line["msg"] for line in lines) == 2  # one line per request
+    text = log_path.read_text()
+    assert leaked not in text and "api_key=[API_KEY]" in text and admin_key not in text

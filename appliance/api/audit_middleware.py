@@ -3,7 +3,8 @@
 
 The middleware creates the `RequestContext`, lets handlers fill it in, and when the response
 is complete calls `Governance.complete`, holding back the response's final message until the
-record is committed: a client that received a response can rely on it being in the log. A
+record is committed: a client that received a response can rely on it being in the log (the
+reservation's settlement and the metrics follow once the response is sent). A
 non-streaming response is held whole, so a failed audit write becomes a 503 instead (fail
 closed). Streams commit before their `[DONE]` line (see `openai_routes`). A request cut short
 by the client is still settled and recorded, without waiting."""
@@ -80,20 +81,25 @@ class AuditMiddleware:
                 await send(message)
                 return
             final = not message.get("more_body", False)
+            settle = None
             if final and not ctx.completed:
                 ctx.principal = ctx.principal or scope.get("user")
                 try:
-                    await governance.complete(ctx, status)
+                    settle = await governance.record(ctx, status)
                 except AuditUnavailable as exc:
                     if held is not None:  # nothing sent yet: refuse instead of answering unrecorded
                         held, message = _error_response(exc)
                     else:
                         log.error("request %s answered but not recorded: %s", request_id, exc)
-            if held is not None:
-                await send(held)
-                held = None
-            await send(message)
-            sent_final = sent_final or final
+            try:
+                if held is not None:
+                    await send(held)
+                    held = None
+                await send(message)
+                sent_final = sent_final or final
+            finally:
+                if settle is not None:  # once the answer is on its way: the client does not wait for it
+                    settle()
 
         try:
             await self.app(scope, receive, send_wrapper)

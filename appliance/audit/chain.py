@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from appliance.audit.canonical import canonical_bytes, canonical_json, canonical_json_unchecked
-from appliance.redaction import scrub_keys
+from appliance.redaction import may_hold_key, scrub_keys
 
 GENESIS_HASH = "0" * 64
 KINDS = ("request", "admin", "security", "system")
@@ -34,6 +34,8 @@ KINDS = ("request", "admin", "security", "system")
 _SECRET_FIELDS = frozenset(
     {"secret", "key_hash", "previous_key_hash", "password", "api_key", "authorization", "server_secret"}
 )
+
+_SECRET_FIELD_NAMES = tuple(f'"{name}":' for name in _SECRET_FIELDS)  # as a field appears in canonical JSON
 
 
 def scrub_secrets(value: Any) -> Any:
@@ -56,6 +58,19 @@ def scrub_secrets(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [scrub_secrets(item) for item in value]
     return value
+
+
+def scrubbed_json(value: Any) -> str:
+    """`canonical_json(scrub_secrets(value))`, encoded once when there is nothing to scrub (a
+    record's usual case): the encoding holds every key and string of `value` as written, so
+    when it has no key-shaped text and no secret-named field, scrubbing would change nothing.
+    Raises `ValueError` as `canonical_json` does."""
+    text = canonical_json(value)
+    if not may_hold_key(text):
+        lowered = text.lower()
+        if not any(name in lowered for name in _SECRET_FIELD_NAMES):
+            return text
+    return canonical_json(scrub_secrets(value))
 
 
 def record_encoding(idx: int, ts: float, kind: str, key_id: str | None, team_id: str | None, body_json: str) -> bytes:

@@ -61,8 +61,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-from appliance.audit.canonical import canonical_json
-from appliance.audit.chain import GENESIS_HASH, KINDS, AuditRecord, Checkpoint, record_hash, scrub_secrets
+from appliance.audit.chain import (
+    GENESIS_HASH,
+    KINDS,
+    AuditRecord,
+    Checkpoint,
+    record_hash,
+    scrub_secrets,
+    scrubbed_json,
+)
 from appliance.audit.signing import Signer, load_or_create_signing_key
 from appliance.config import Settings
 from appliance.errors import AuditUnavailable, InvalidRequest, StoreError
@@ -214,12 +221,12 @@ class AuditLog:
             raise ValueError(f"audit record kind must be one of {list(KINDS)}, got {kind!r}")
         if not isinstance(body, dict):
             raise ValueError("an audit record body must be a dict")
-        body_json = canonical_json(scrub_secrets(body))
+        body_json = scrubbed_json(body)
         key_id = scrub_secrets(key_id)
         team_id = scrub_secrets(team_id)
         if ts is not None and not math.isfinite(ts):
             raise ValueError(f"audit record ts must be finite, got {ts!r}")
-        content_json = canonical_json(scrub_secrets(content)) if content else None
+        content_json = scrubbed_json(content) if content else None
 
         def write(conn: sqlite3.Connection) -> int:
             row = conn.execute("SELECT idx, hash FROM audit ORDER BY idx DESC LIMIT 1").fetchone()

@@ -125,6 +125,45 @@ def test_secrets_are_scrubbed_from_every_string_in_the_body(tmp_path: Path) -> N
         assert verify(connect(tmp_path / "appliance.db"), public_key=log.signer.public_key_hex).ok
 
 
+
+_PLANTED = [
+    ("value", "apl_0123456789ab_Zm9vYmFyQUJDREVGR0hJSktM"),
+    ("value", "sk-proj-ABCDEFGHIJKLMNOPQRST"),
+    ("value", "AKIAABCDEFGHIJKLMNOP"),
+    ("value", "ghp_" + "a" * 30),
+    ("value", "xoxb-1234567890ab"),
+    ("key", "sk-live-ABCDEFGHIJKLMNOPQRST"),
+    ("field", "secret"),
+    ("field", "Password"),
+    ("field", "API_KEY"),
+    ("field", "api_\u212aey"),  # KELVIN SIGN: lower() makes it "api_key"
+    ("field", "authorization"),
+]
+
+
+@pytest.mark.parametrize(("where", "planted"), _PLANTED)
+def test_a_record_is_scrubbed_wherever_a_secret_sits_in_it(tmp_path: Path, where: str, planted: str) -> None:
+    """The body is encoded once and only scrubbed when it may hold a secret: that shortcut must
+    never let one through, at any depth, as a value, a key or a secret-named field."""
+    planted = planted.encode().decode("unicode_escape") if "\\u" in planted else planted
+    store, log = open_log(tmp_path)
+    with store:
+        for depth in range(3):
+            inner: object = {planted: "x"} if where == "key" else {planted: "hunter2"} if where == "field" else f"note {planted}."
+            for _ in range(depth):
+                inner = {"route": "auto", "tries": ["a", inner]}
+            body = {"request_id": f"r{depth}", "status": 200, "detail": inner}
+            log.append_sync("request", body, key_id="0123456789ab", team_id="default")
+        stored = [row["body"] for row in store.query("SELECT body FROM audit ORDER BY idx")]
+    for text in stored:
+        assert "hunter2" not in text and (where == "field" or planted not in text)  # a field keeps its name
+        assert ("[REDACTED]" if where == "field" else "[API_KEY]") in text
+    plain = {"request_id": "r9", "model": "m", "route_trail": "auto>score=0.4>m", "user": "night shift"}
+    store, log = open_log(tmp_path / "plain")
+    with store:
+        log.append_sync("request", dict(plain), key_id="k", team_id="t")
+        assert json.loads(store.query_one("SELECT body FROM audit")["body"]) == plain  # nothing to scrub: kept as is
+
 def test_admin_body_helpers() -> None:
     actor = cli_actor()
     assert actor.info["kind"] == "cli" and actor.info["user"]
