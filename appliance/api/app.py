@@ -38,7 +38,7 @@ from appliance.api.metrics_server import start_metrics_server
 from appliance.api.network import HostCheckMiddleware, TrustedProxies, allowed_hosts
 from appliance.api.openapi import ExactJsonRenderPlugin
 from appliance.api.options import allow_handlers
-from appliance.api.security import ANY_ROLE, KeyAuthMiddleware, UngovernedMiddleware, role_guard, trusted_local_uids
+from appliance.api.security import ANY_ROLE, KeyAuthMiddleware, UngovernedMiddleware, trusted_local_uids
 from appliance.api.services import Services
 from appliance.api.strict_bodies import strict_body
 from appliance.audit import AuditLog
@@ -225,13 +225,12 @@ def create_app(
         render_plugins=[ExactJsonRenderPlugin()],
         openapi_router=Router(path="/schema", route_handlers=[], opt=dict(ANY_ROLE), include_in_schema=False),
     )
-    auth = DefineMiddleware(KeyAuthMiddleware) if governed else UngovernedMiddleware
+    auth = KeyAuthMiddleware if governed else UngovernedMiddleware
     return Litestar(
         route_handlers=[*allow_handlers(ROUTES), *ROUTES],
         lifespan=[lifespan],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
         middleware=[DefineMiddleware(HostCheckMiddleware, hosts=allowed_hosts(settings)), AuditMiddleware, auth],
-        guards=[role_guard],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         before_request=strict_body,
         before_send=[_add_request_id],

@@ -1,5 +1,5 @@
 """Authentication (bearer key, or the peer's uid on the local admin socket -> principal) and
-the role guard every route goes through."""
+the role check every route goes through."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import pwd
 from collections.abc import Collection
 from typing import Any
 
-from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
-from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from appliance.api.context import find_context
@@ -19,7 +17,7 @@ from appliance.api.network import local_uid
 from appliance.auth import Principal, Role, local_admin
 from appliance.errors import AuthenticationFailed, PermissionDenied, RateLimited
 
-PUBLIC: dict[str, Any] = {"exclude_from_auth": True, "public": True}
+PUBLIC: dict[str, Any] = {"public": True}  # no key asked for, no role checked
 ROLES_KEY = "roles"
 
 
@@ -55,27 +53,40 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-class KeyAuthMiddleware(AbstractAuthenticationMiddleware):
-    """Every method is authenticated, OPTIONS included (no CORS is served). A failure is
-    counted for its client address (`auth.failures`) rather than recorded on its own."""
+class KeyAuthMiddleware:
+    """Authenticates every request to a route that is not public (every method, OPTIONS
+    included: no CORS is served), then checks the route's roles (`authorize`). A failure is
+    counted for its client address (`auth.failures`) rather than recorded on its own.
 
-    def __init__(self, app: ASGIApp, **kwargs: Any) -> None:
-        super().__init__(app, exclude_http_methods=[], **kwargs)
+    The role check is here rather than in a litestar guard because litestar hands each guard
+    a copy of the route handler, made anew for every request."""
 
-    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
-        services = connection.app.state.services
-        uid = local_uid(connection.scope)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler: BaseRouteHandler = scope["route_handler"]  # type: ignore[typeddict-item]
+        if scope["type"] == "http" and not handler.opt.get("public"):
+            principal = self._authenticate(scope)
+            scope["user"] = principal
+            authorize(principal, handler, scope)
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _authenticate(scope: Scope) -> Principal:
+        services = scope["app"].state.services
+        uid = local_uid(scope)
         if uid is not None:
             if uid not in services.local_uids:
                 raise PermissionDenied(f"uid {uid} may not use the admin socket.")
-            return AuthenticationResult(user=local_admin(uid, _user_name(uid)), auth=None)
-        header = connection.headers.get("authorization", "")
+            return local_admin(uid, _user_name(uid))
+        header = next((value for name, value in scope["headers"] if name == b"authorization"), b"").decode("latin-1")
         scheme, _, key = header.partition(" ")
         presented = key.strip() if scheme.lower() == "bearer" else None
         try:
-            principal = services.keys.authenticate(presented)
+            return services.keys.authenticate(presented)  # type: ignore[no-any-return]
         except AuthenticationFailed as exc:
-            ctx = find_context(connection.scope)
+            ctx = find_context(scope)
             client = ctx.client if ctx else ""
             if ctx is not None:
                 ctx.auth_failed = True
@@ -83,19 +94,14 @@ class KeyAuthMiddleware(AbstractAuthenticationMiddleware):
             if wait is not None:
                 raise RateLimited("Too many failed authentication attempts from this address.", retry_after=wait) from None
             raise
-        return AuthenticationResult(user=principal, auth=None)
 
 
-async def role_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+def authorize(principal: Principal, handler: BaseRouteHandler, scope: Scope) -> None:
     """Fail closed: a route that declares no roles is refused to everyone, except the OPTIONS
-    answer litestar adds to every path, which any authenticated principal may read. Async
-    although it never waits: litestar runs a sync guard on a worker thread, a hop per request."""
-    if handler.opt.get("public"):
-        return
-    principal: Principal = connection.user
+    answer litestar adds to every path, which any authenticated principal may read."""
     allowed: Collection[Role] | None = handler.opt.get(ROLES_KEY)
     if allowed is None:
-        if connection.scope.get("method") == "OPTIONS":
+        if scope.get("method") == "OPTIONS":
             return
         raise PermissionDenied("This endpoint declares no roles and is closed.")
     if principal.role not in allowed:
@@ -111,5 +117,8 @@ class UngovernedMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["user"] = self._PRINCIPAL
+        handler: BaseRouteHandler = scope["route_handler"]  # type: ignore[typeddict-item]
+        if scope["type"] == "http" and not handler.opt.get("public"):
+            scope["user"] = self._PRINCIPAL
+            authorize(self._PRINCIPAL, handler, scope)
         await self.app(scope, receive, send)

@@ -343,15 +343,17 @@ class KeyService:
         return str(team_row["id"])
 
     def _record(self, row: sqlite3.Row) -> KeyRecord:
-        return self._with_expiring(_record(row))
+        return _record(row, expiring=self._expiring(row["revoked_at"], row["expires_at"]))
+
+    def _expiring(self, revoked_at: float | None, expires_at: float | None) -> bool:
+        """Active (not revoked, not expired), and expiring within the warning window."""
+        if revoked_at is not None or expires_at is None:
+            return False
+        left = expires_at - time.time()
+        return 0 < left <= self._warn_seconds
 
     def _with_expiring(self, record: KeyRecord) -> KeyRecord:
-        soon = (
-            record.status == "active"
-            and record.expires_at is not None
-            and record.expires_at - time.time() <= self._warn_seconds
-        )
-        return replace(record, expiring=soon)
+        return replace(record, expiring=self._expiring(record.revoked_at, record.expires_at))
 
 
 def _new_secret(key_id: str) -> str:
@@ -414,7 +416,7 @@ def _parse_id(key: str) -> str | None:
     return key_id
 
 
-def _record(row: sqlite3.Row) -> KeyRecord:
+def _record(row: sqlite3.Row, *, expiring: bool = False) -> KeyRecord:
     models = json.loads(row["allowed_models"]) if row["allowed_models"] else None
     return KeyRecord(
         id=row["id"],
@@ -431,6 +433,7 @@ def _record(row: sqlite3.Row) -> KeyRecord:
         answer_retention=row["answer_retention"],
         rotated_at=row["rotated_at"],
         previous_valid_until=row["previous_valid_until"],
+        expiring=expiring,
     )
 
 

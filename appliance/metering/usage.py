@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
@@ -86,7 +86,13 @@ class UsageRecord:
         return self.tokens - self.unbilled_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"day": self.day}
+        # Every field is a scalar, so a shallow copy is `asdict`'s result, at a fraction of its cost.
+        row = {name: getattr(self, name) for name in _USAGE_FIELDS}
+        row["day"] = self.day
+        return row
+
+
+_USAGE_FIELDS = tuple(f.name for f in fields(UsageRecord))
 
 
 _INSERT = (
